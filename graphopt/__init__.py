@@ -1,0 +1,28 @@
+"""graphopt: take a PyTorch model to phones and edge devices.
+
+Capture with torch.fx, rewrite with a pipeline of plugin passes (each verified), lower to
+ONNX / TorchScript-Lite / TFLite, and check every artifact in its own runtime.
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+from .capture import capture
+from .emit import Artifact, Emitter
+from .errors import (CaptureError, EmitError, GraphoptError, PassError, PipelineError,
+                     PluginError, UsageError, VerificationError)
+from .graph import Graph
+from .hookspecs import hookimpl
+from .metrics import Metrics, Tolerance, compare
+from .passes import Effect, Option, Pass, PassContext, PassResult
+from .pipeline import Pipeline, parse_pipeline
+from .plugins import Registry, load_plugins
+from .passmanager import PassRecord, PipelineRun, run_pipeline
+
+__all__ = [
+    "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
+    "Metrics", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
+    "Pipeline", "PipelineError", "PipelineRun", "PluginError", "Registry", "Tolerance",
+    "UsageError", "VerificationError", "capture", "compare", "hookimpl", "load_plugins",
+    "parse_pipeline", "run_pipeline",
+]

@@ -1,0 +1,104 @@
+"""Model -> Graph: deep copy, eval mode, torch.fx symbolic trace, shapes into node.meta."""
+from __future__ import annotations
+
+import copy
+import os
+import traceback
+from typing import Any, Iterable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+from .errors import CaptureError, first_line
+from .graph import Graph, annotate
+
+_TORCH_DIR = os.path.dirname(torch.__file__)
+_OWN_DIR = os.path.dirname(__file__)
+
+
+class _Tracer(fx.Tracer):
+    """symbolic_trace's tracer, plus user leaf modules and the path of the module being traced."""
+
+    def __init__(self, leaf_modules: Iterable[type | str]):
+        super().__init__()
+        self._leaf_types = tuple(m for m in leaf_modules if isinstance(m, type))
+        self._leaf_names = {m for m in leaf_modules if isinstance(m, str)}
+        self.failed_in: str | None = None
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
+            return True
+        return super().is_leaf_module(m, qualname)
+
+    def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
+        try:
+            return super().call_module(m, forward, args, kwargs)
+        except Exception:
+            if self.failed_in is None:
+                self.failed_in = self.path_of_module(m)
+            raise
+
+
+def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
+    """The innermost traceback frame in the user's code (not torch's, not graphopt's)."""
+    frames = [f for f in traceback.extract_tb(exc.__traceback__)
+              if not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) and "<" not in f.filename]
+    return frames[-1] if frames else None
+
+
+def _trace_error(model: nn.Module, tracer: _Tracer, exc: Exception) -> CaptureError:
+    path = tracer.failed_in
+    where = f"module `{path}` ({type(model.get_submodule(path)).__name__})" if path else \
+        f"the top-level module ({type(model).__name__})"
+    frame = _user_frame(exc)
+    line = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`" \
+        if frame else ""
+    reason = first_line(exc)
+    hint = (f"mark it as a leaf module (leaf_modules=[{type(model.get_submodule(path)).__name__}] "
+            f"or '{path}')" if path else "mark the offending submodule as a leaf module")
+    return CaptureError(f"torch.fx cannot trace {where}{line}: {reason}; {hint}, "
+                        f"or fix the control-flow value with concrete_args")
+
+
+def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    if isinstance(example_inputs, torch.Tensor):
+        return (example_inputs,)
+    inputs = tuple(example_inputs)
+    if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
+        raise CaptureError("example_inputs must be a tensor or a non-empty sequence of tensors")
+    return inputs
+
+
+def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
+            leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None,
+            name: str | None = None) -> Graph:
+    """Capture ``model`` as a :class:`Graph`; the caller's model is never mutated.
+
+    ``leaf_modules`` are module types or qualified names kept as opaque ``call_module``
+    nodes; ``concrete_args`` fixes Python-valued arguments as in ``fx.symbolic_trace``.
+    """
+    if not isinstance(model, nn.Module):
+        raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
+    inputs = as_input_tuple(example_inputs)
+    model = copy.deepcopy(model).eval()
+    shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
+    try:
+        with torch.no_grad():
+            model(*inputs)
+    except Exception as exc:  # the model itself rejects these inputs
+        raise CaptureError(f"{type(model).__name__} fails on inputs of shape {shapes}: {first_line(exc)}; "
+                           f"check --input-shape") from exc
+    tracer = _Tracer(leaf_modules)
+    try:
+        graph = tracer.trace(model, concrete_args)
+    except Exception as exc:
+        raise _trace_error(model, tracer, exc) from exc
+    gm = fx.GraphModule(tracer.root, graph, name or type(model).__name__)
+    gm.eval()
+    try:
+        annotate(gm, inputs)
+    except Exception as exc:
+        raise CaptureError(f"the traced graph of {type(model).__name__} fails on inputs of shape "
+                           f"{shapes}: {exc}; mark the submodule involved as a leaf module") from exc
+    return Graph(gm, inputs, name or type(model).__name__)

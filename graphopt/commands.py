@@ -1,0 +1,198 @@
+"""What each CLI subcommand does, given parsed arguments and the plugin registry."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from rich.table import Table
+
+from .cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
+from .console import Ui, artifacts_table, human_bytes, passes_table
+from .errors import UsageError, first_line
+from .plugins import Registry
+
+
+def _formats(text: str) -> list[str]:
+    return [f.strip() for f in text.split(",") if f.strip()]
+
+
+def _check_report_path(path: str | None) -> Path | None:
+    if path is None:
+        return None
+    p = Path(path)
+    if p.is_dir() or not p.parent.is_dir():
+        raise UsageError(f"cannot write the report to {path}: give a file in an existing directory")
+    return p
+
+
+def cmd_run(args, registry: Registry) -> int:
+    from .driver import check_out_dir, optimize, select_emitters
+    from .emit import write_json_atomic
+    from .modelspec import example_inputs, load_model, parse_shape
+    from .pipeline import parse_pipeline, resolve
+    ui = Ui(args.quiet, args.json)
+    shapes = [parse_shape(s) for s in args.input_shape]
+    formats = _formats(args.emit)
+    select_emitters(registry, formats)
+    out = check_out_dir(Path(args.out)) if formats else None
+    report_path = _check_report_path(args.report)
+    pipeline = args.pipeline if args.pipeline is not None else registry.default_pipeline()
+    if pipeline:
+        resolve(parse_pipeline(pipeline), registry.passes)
+    for name in args.explain + [p for p in args.print_ir_after if p != "all"]:
+        if name not in registry.passes:
+            raise UsageError(f"unknown pass {name!r} for --explain/--print-ir-after")
+    model = load_model(args.model, args.weights)
+    inputs = example_inputs(shapes, args.seed)
+
+    def show_ir(name: str, code: str) -> None:
+        ui.print(f"[bold]--- IR after {name} ---[/bold]")
+        ui.out.print(code, markup=False) if not ui.quiet else None
+
+    with ui.progress("starting") as progress:
+        result = optimize(model, inputs, registry, pipeline=pipeline, formats=formats, out_dir=out,
+                          model_spec=args.model, name=args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
+                          leaf_modules=args.leaf_module, print_ir_after=args.print_ir_after,
+                          on_ir=show_ir, progress=progress)
+    report = result.report
+    if report_path:
+        write_json_atomic(report_path, report)
+    if args.json:
+        dump_json(report)
+    ui.print(passes_table(report["model"], result.pipeline.records))
+    for rec in result.pipeline.records:
+        if rec.name.split("(")[0] in args.explain:
+            ui.print(f"[bold]explain {rec.name}[/bold]")
+            for line in rec.explanations or ["(no candidates)"]:
+                ui.out.print(f"  {line}", markup=False) if not ui.quiet else None
+    if report["artifacts"]:
+        ui.print(artifacts_table(report["artifacts"]))
+    if not result.ok:
+        ui.err.print("graphopt: some artifacts did not verify; nothing was written to the output directory",
+                     markup=False)
+        return EXIT_UNVERIFIED
+    return EXIT_OK
+
+
+def cmd_passes(args, registry: Registry) -> int:
+    rows = [{"name": p.name, "description": p.description, "effect": p.effect.value,
+             "plugin": registry.owner[f"pass:{p.name}"], "default_order": p.default_order,
+             "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                         for o in p.options]} for p in sorted(registry.passes.values(), key=lambda p: p.name)]
+    if args.json:
+        dump_json({"passes": rows, "default_pipeline": registry.default_pipeline()})
+        return EXIT_OK
+    ui = Ui(args.quiet)
+    t = Table(title="passes", title_justify="left")
+    for col in ("name", "effect", "description", "options", "plugin"):
+        t.add_column(col)
+    for p in sorted(registry.passes.values(), key=lambda p: p.name):
+        opts = "\n".join(f"{o.describe()}  {o.help}" for o in p.options) or "-"
+        t.add_row(p.name, p.effect.value, p.description, opts, registry.owner[f"pass:{p.name}"])
+    ui.print(t)
+    ui.print(f"default pipeline: {registry.default_pipeline() or '(empty)'}")
+    return EXIT_OK
+
+
+def cmd_emitters(args, registry: Registry) -> int:
+    rows = [{"format": e.format, "suffix": e.suffix, "description": e.description,
+             "available": not e.missing(), "missing": e.missing(),
+             "plugin": registry.owner[f"emitter:{e.format}"],
+             "options": [{"name": o.name, "type": o.type.__name__, "default": o.default, "help": o.help}
+                         for o in e.options]} for e in sorted(registry.emitters.values(), key=lambda e: e.format)]
+    if args.json:
+        dump_json({"emitters": rows})
+        return EXIT_OK
+    t = Table(title="emitters", title_justify="left")
+    for col in ("format", "file", "description", "options", "available"):
+        t.add_column(col)
+    for e, r in zip(sorted(registry.emitters.values(), key=lambda e: e.format), rows):
+        t.add_row(e.format, e.suffix, e.description, "\n".join(o.describe() for o in e.options) or "-",
+                  "yes" if r["available"] else f"no: needs {', '.join(r['missing'])}")
+    Ui(args.quiet).print(t)
+    return EXIT_OK
+
+
+def cmd_verify(args, registry: Registry) -> int:
+    from .golden import GoldenCase, Manifest
+    from .testing import outputs_of
+    from .metrics import compare
+    if args.golden:
+        manifest = Manifest.load(Path(args.golden_dir))
+        entry = manifest.entry(args.golden)
+        case = GoldenCase.load(manifest.case_path(entry.name))
+        tolerances = entry.tolerances
+    else:
+        case, tolerances = GoldenCase.load(Path(args.reference)), {}
+    by_suffix = {e.suffix: e for e in registry.emitters.values()}
+    rows = []
+    for path in map(Path, args.artifacts):
+        if not path.is_file():
+            raise UsageError(f"artifact {path} does not exist")
+        emitter = by_suffix.get(path.suffix)
+        if emitter is None:
+            raise UsageError(f"no emitter reads {path.suffix} files; known: {', '.join(sorted(by_suffix))}")
+        try:
+            outputs = outputs_of(emitter.artifact_for(path), list(case.inputs.values()))
+            metrics = compare(case.outputs, outputs)
+        except Exception as exc:
+            raise UsageError(f"{path} cannot be checked against this reference: {first_line(exc)}") from exc
+        problems = tolerances.get(emitter.format, emitter.tolerance).violations(metrics)
+        rows.append({"format": emitter.format, "path": str(path), "bytes": path.stat().st_size,
+                     "verified": not problems, "problems": problems, "max_abs_err": metrics.max_abs,
+                     "cosine": metrics.cosine})
+    if args.json:
+        dump_json({"artifacts": rows, "ok": all(r["verified"] for r in rows)})
+    else:
+        Ui(args.quiet).print(artifacts_table(rows))
+    return EXIT_OK if all(r["verified"] for r in rows) else EXIT_UNVERIFIED
+
+
+def cmd_golden(args, registry: Registry) -> int:
+    from .golden import GRAPH, GoldenEntry, Manifest, check, record
+    from .metrics import Tolerance
+    from .modelspec import parse_shape
+    ui = Ui(args.quiet, args.json)
+    manifest = Manifest.load(Path(args.dir))
+    if args.model:
+        if args.action != "record" or len(args.names) != 1 or not args.input_shape:
+            raise UsageError("--model adds one model: graphopt golden record NAME --model SPEC --input-shape S")
+        shapes = [list(parse_shape(s)) for s in args.input_shape]
+        tol = {GRAPH: Tolerance(max_rel=1e-5)}
+        tol.update((f, registry.emitters[f].tolerance) for f in _formats(args.formats) if f in registry.emitters)
+        manifest.entries[args.names[0]] = GoldenEntry(
+            args.names[0], args.model, {f"input_{i}": s for i, s in enumerate(shapes)},
+            pipeline=args.pipeline, tolerances=tol)
+    names = args.names or sorted(manifest.entries)
+    if not names:
+        raise UsageError(f"no golden models in {manifest.path}; add one with "
+                         f"graphopt golden record NAME --model SPEC --input-shape S")
+    entries = [manifest.entry(n) for n in names]
+    if args.action == "record":
+        for entry in entries:
+            record(manifest, entry)
+            ui.print(f"recorded {manifest.case_path(entry.name)}")
+        manifest.save()
+        return EXIT_OK
+    rows = []
+    with ui.progress("checking") as progress:
+        for entry in entries:
+            rows += check(manifest, entry, registry, progress=progress)
+    dicts = [{"model": r.model, "format": r.format, "verified": r.ok, "problems": r.problems,
+              "max_abs_err": r.metrics.max_abs if r.metrics else None,
+              "cosine": r.metrics.cosine if r.metrics else None} for r in rows]
+    if args.json:
+        dump_json({"checks": dicts, "ok": all(r.ok for r in rows)})
+    t = Table(title=f"golden check ({manifest.path})", title_justify="left")
+    for col in ("model", "format", "max abs err", "cosine", "ok"):
+        t.add_column(col)
+    for d in dicts:
+        t.add_row(d["model"], d["format"], "-" if d["max_abs_err"] is None else f"{d['max_abs_err']:.2e}",
+                  "-" if d["cosine"] is None else f"{d['cosine']:.6f}",
+                  "yes" if d["verified"] else "NO: " + "; ".join(d["problems"]))
+    ui.print(t)
+    return EXIT_OK if all(r.ok for r in rows) else EXIT_UNVERIFIED
+
+
+def cmd_demo(args, registry: Registry) -> int:
+    from .demo import run_demo
+    return run_demo(args, registry)

@@ -1,0 +1,196 @@
+"""One run end to end: capture -> pipeline -> emit -> load -> verify -> install -> report.
+
+Artifacts are staged in a private folder inside the output directory and moved into place
+only when every requested format verified, so a failed run changes nothing already there.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import torch
+import torch.nn as nn
+
+from . import __version__
+from .capture import capture
+from .emit import Artifact, Emitter, install, staging_dir
+from .errors import EmitError, UsageError
+from .graph import Graph
+from .metrics import Metrics, compare
+from .passmanager import PassRecord, PipelineRun, run_pipeline
+from .plugins import Registry
+
+REPORT_VERSION = 1
+Progress = Callable[[str], None]
+
+
+@dataclass
+class ArtifactCheck:
+    """One emitted artifact, judged against the optimized graph and the original model."""
+
+    artifact: Artifact
+    verified: bool
+    vs_graph: Metrics
+    vs_reference: Metrics
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    bytes: int = 0
+    installed: bool = False
+
+    def as_dict(self) -> dict:
+        return {"format": self.artifact.format, "path": str(self.artifact.path) if self.installed else None,
+                "bytes": self.bytes, "verified": self.verified,
+                "max_abs_err": self.vs_reference.max_abs, "cosine": self.vs_reference.cosine,
+                "max_abs_err_vs_graph": self.vs_graph.max_abs, "problems": self.problems,
+                "seconds": round(self.seconds, 4), "meta": self.artifact.meta}
+
+
+@dataclass
+class RunResult:
+    graph: Graph
+    pipeline: PipelineRun
+    artifacts: list[ArtifactCheck]
+    report: dict
+
+    @property
+    def ok(self) -> bool:
+        return bool(self.report["ok"])
+
+
+def select_emitters(registry: Registry, formats: Sequence[str]) -> list[Emitter]:
+    """The emitters for ``formats``; unknown or uninstalled formats are a UsageError."""
+    chosen = []
+    for fmt in formats:
+        emitter = registry.emitters.get(fmt)
+        if emitter is None:
+            raise UsageError(f"unknown format {fmt!r}; available: {', '.join(sorted(registry.emitters)) or 'none'}")
+        missing = emitter.missing()
+        if missing:
+            raise UsageError(f"format {fmt} needs {', '.join(missing)}; install them with "
+                             f"pip install 'graphopt[all]'")
+        chosen.append(emitter)
+    return chosen
+
+
+def check_artifact(emitter: Emitter, artifact: Artifact, inputs: Sequence[torch.Tensor],
+                   expected: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> ArtifactCheck:
+    """Run ``artifact`` in its runtime and compare with ``expected`` under the emitter's tolerance."""
+    start = time.perf_counter()
+    try:
+        runner = emitter.load(artifact)
+        outputs = runner(list(inputs))
+        vs_graph = compare(expected, outputs)
+        vs_ref = compare(reference, outputs)
+    except EmitError:
+        raise
+    except Exception as exc:
+        raise EmitError(f"{emitter.format} artifact {artifact.path.name} failed to run: "
+                        f"{type(exc).__name__}: {exc}") from exc
+    problems = emitter.tolerance.violations(vs_graph)
+    return ArtifactCheck(artifact, not problems, vs_graph, vs_ref, problems, time.perf_counter() - start,
+                         artifact.bytes)
+
+
+def emit_all(graph: Graph, emitters: Sequence[Emitter], out_dir: Path, reference: Sequence[torch.Tensor],
+             *, options: dict[str, dict] | None = None, progress: Progress | None = None) -> list[ArtifactCheck]:
+    """Emit and verify every format; install the files only if all of them verified."""
+    out_dir = Path(out_dir)
+    created = not out_dir.exists()
+    expected = graph.run()
+    checks: list[ArtifactCheck] = []
+    try:
+        with staging_dir(out_dir) as stage:
+            for emitter in emitters:
+                if progress:
+                    progress(f"emitting {emitter.format}")
+                opts = {o.name: o.default for o in emitter.options}
+                opts.update((options or {}).get(emitter.format, {}))
+                try:
+                    artifact = emitter.emit(graph, opts, stage)
+                except EmitError:
+                    raise
+                except Exception as exc:
+                    raise EmitError(f"{emitter.format} emitter failed: {type(exc).__name__}: {exc}") from exc
+                if progress:
+                    progress(f"verifying {emitter.format} in its runtime")
+                checks.append(check_artifact(emitter, artifact, graph.example_inputs, expected, reference))
+            if all(c.verified for c in checks):
+                for c in checks:
+                    target = out_dir / c.artifact.path.name
+                    install(c.artifact.path, target)
+                    c.artifact.path, c.installed = target, True
+    finally:
+        if created and out_dir.exists() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+    return checks
+
+
+def _input_specs(graph: Graph) -> list[dict]:
+    return [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+            for n, t in zip(graph.input_names, graph.example_inputs)]
+
+
+def build_report(model_spec: str, original: Graph, run: PipelineRun, checks: Sequence[ArtifactCheck],
+                 seconds: float, error: str | None = None) -> dict:
+    """The report JSON (schema documented in the README; ``version`` bumps on breaking change)."""
+    return {
+        "version": REPORT_VERSION,
+        "graphopt": __version__,
+        "model": {"spec": model_spec, "name": original.name, "inputs": _input_specs(original),
+                  **original.stats()},
+        "pipeline": run.pipeline if run else "",
+        "passes": [r.as_dict() for r in (run.records if run else [])],
+        "artifacts": [c.as_dict() for c in checks],
+        "ok": error is None and all(r.verified for r in (run.records if run else [])) and
+              all(c.verified for c in checks),
+        "error": error,
+        "seconds": round(seconds, 3),
+    }
+
+
+def optimize(model: nn.Module, example_inputs: Sequence[torch.Tensor], registry: Registry, *,
+             pipeline: str | None = None, formats: Sequence[str] = (), out_dir: Path | None = None,
+             model_spec: str = "", name: str | None = None, verify: bool = True,
+             leaf_modules: Sequence = (), data: dict | None = None,
+             emit_options: dict[str, dict] | None = None, print_ir_after: Sequence[str] = (),
+             on_ir: Callable[[str, str], None] | None = None,
+             on_pass: Callable[[PassRecord], None] | None = None,
+             progress: Progress | None = None) -> RunResult:
+    """The whole job behind ``graphopt run``; raises GraphoptError on bad input or a failed pass."""
+    start = time.perf_counter()
+    emitters = select_emitters(registry, formats)
+    if emitters and out_dir is None:
+        raise UsageError("give an output directory (--out DIR) for the artifacts")
+    if progress:
+        progress("capturing with torch.fx")
+    graph = capture(model, example_inputs, leaf_modules=leaf_modules, name=name)
+    text = registry.default_pipeline() if pipeline is None else pipeline
+    if progress:
+        progress(f"running pipeline {text or '(empty)'}")
+    if text:
+        run = run_pipeline(graph, text, registry, verify=verify, data=data,
+                           print_ir_after=print_ir_after, on_ir=on_ir, on_pass=on_pass)
+    else:
+        run = PipelineRun(graph.clone(), "", graph.run(), [])
+    optimized = run.graph
+    optimized.meta["pipeline"] = run.pipeline
+    checks = emit_all(optimized, emitters, out_dir, run.reference, options=emit_options,
+                      progress=progress) if emitters else []
+    report = build_report(model_spec, graph, run, checks, time.perf_counter() - start)
+    return RunResult(optimized, run, checks, report)
+
+
+def check_out_dir(path: Path) -> Path:
+    """Fail early, before any work, if ``path`` cannot become a writable directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output path {path} exists and is not a directory; choose another --out")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {path}: {probe} is not a writable directory; choose another --out")
+    return path

@@ -1,0 +1,122 @@
+"""The IR: an fx.GraphModule plus the inputs it was captured with.
+
+Analyses write their results into ``node.meta["graphopt.<what>"]``; :func:`annotate`
+fills the ones every pass may rely on: ``graphopt.shape``, ``graphopt.dtype`` and
+``graphopt.macs`` (multiply-accumulates of that node for the example inputs).
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.utils._pytree import tree_flatten
+
+
+def flatten_outputs(out: Any) -> list[torch.Tensor]:
+    """A model's outputs (tensor, tuple, list, dict, nested) as a flat list of tensors."""
+    leaves, _ = tree_flatten(out)
+    return [t for t in leaves if isinstance(t, torch.Tensor)]
+
+
+@dataclass
+class Graph:
+    """A captured model: ``module`` is the fx.GraphModule every pass rewrites."""
+
+    module: fx.GraphModule
+    example_inputs: tuple[torch.Tensor, ...]
+    name: str = "model"
+    meta: dict = field(default_factory=dict)
+
+    @property
+    def input_names(self) -> list[str]:
+        return [n.name for n in self.module.graph.nodes if n.op == "placeholder"]
+
+    def run(self, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
+        """Outputs of the graph for ``inputs`` (default: the example inputs), flattened."""
+        with torch.no_grad():
+            return flatten_outputs(self.module(*(inputs if inputs is not None else self.example_inputs)))
+
+    def replace(self, module: fx.GraphModule) -> "Graph":
+        """The same graph identity with another module (the inputs and metadata are kept)."""
+        return Graph(module, self.example_inputs, self.name, dict(self.meta))
+
+    def clone(self) -> "Graph":
+        return Graph(copy.deepcopy(self.module), self.example_inputs, self.name, copy.deepcopy(self.meta))
+
+    def stats(self) -> dict:
+        """Nodes (ops that compute), parameters, MACs and bytes of weights and buffers."""
+        gm = self.module
+        nodes = sum(1 for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+        tensors = list(gm.state_dict().values())
+        params = sum(p.numel() for p in gm.parameters())
+        nbytes = sum(t.numel() * t.element_size() for t in tensors)
+        macs = sum(int(n.meta.get("graphopt.macs", 0)) for n in gm.graph.nodes)
+        return {"nodes": nodes, "params": params, "macs": macs, "bytes": nbytes}
+
+
+def _numel(shape: Sequence[int]) -> int:
+    total = 1
+    for s in shape:
+        total *= int(s)
+    return total
+
+
+def _macs(node: fx.Node, module: nn.Module | None, args: tuple, result: Any) -> int:
+    """Multiply-accumulates of one node, from its module type or function and the shapes."""
+    if not isinstance(result, torch.Tensor):
+        return 0
+    out = result.numel()
+    if isinstance(module, nn.modules.conv._ConvNd):
+        k = _numel(module.kernel_size)
+        if module.transposed:
+            return args[0].numel() * (module.out_channels // module.groups) * k
+        return out * (module.in_channels // module.groups) * k
+    if isinstance(module, nn.Linear):
+        return out * module.in_features
+    if node.op == "call_function":
+        fn = node.target
+        if fn in (F.conv1d, F.conv2d, F.conv3d):
+            w = args[1]
+            return out * w.shape[1] * _numel(w.shape[2:])
+        if fn is F.linear:
+            return out * args[1].shape[-1]
+        if fn in (torch.matmul, torch.bmm, torch.mm, F.scaled_dot_product_attention) or \
+                getattr(fn, "__name__", "") == "matmul":
+            a = args[0]
+            return out * a.shape[-1] if isinstance(a, torch.Tensor) else 0
+    return 0
+
+
+class _Annotator(fx.Interpreter):
+    """Runs the graph once, recording shape, dtype and MACs of every node."""
+
+    def __init__(self, gm: fx.GraphModule, record: Callable[[fx.Node, Any], None] | None = None):
+        super().__init__(gm)
+        self._record = record
+
+    def run_node(self, n: fx.Node) -> Any:
+        result = super().run_node(n)
+        args, _ = self.fetch_args_kwargs_from_env(n)
+        module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(result, torch.Tensor):
+            n.meta["graphopt.shape"] = tuple(result.shape)
+            n.meta["graphopt.dtype"] = str(result.dtype).replace("torch.", "")
+        n.meta["graphopt.macs"] = _macs(n, module, args, result)
+        if self._record is not None:
+            self._record(n, result)
+        return result
+
+
+def annotate(gm: fx.GraphModule, inputs: Sequence[torch.Tensor],
+             record: Callable[[fx.Node, Any], None] | None = None) -> list[torch.Tensor]:
+    """Fill ``graphopt.shape/dtype/macs`` on every node; returns the flattened outputs.
+
+    ``record(node, value)``, when given, sees every node's value as it is computed.
+    """
+    with torch.no_grad():
+        return flatten_outputs(_Annotator(gm, record).run(*inputs))

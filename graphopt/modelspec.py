@@ -1,0 +1,80 @@
+"""Turn the CLI's MODEL and --input-shape text into a module and example inputs."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from .errors import UsageError, first_line
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224`` -> (1, 3, 224, 224)."""
+    if not re.fullmatch(r"\d+(x\d+)*", text.strip()) or any(int(d) == 0 for d in text.split("x")):
+        raise UsageError(f"bad input shape {text!r}: write positive sizes joined by x, e.g. 1x3x224x224")
+    return tuple(int(d) for d in text.strip().split("x"))
+
+
+def example_inputs(shapes: list[tuple[int, ...]], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic standard-normal float32 inputs of the given shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*s, generator=gen) for s in shapes)
+
+
+def _import_target(spec: str):
+    if ":" not in spec:
+        raise UsageError(f"bad model spec {spec!r}: write path/to/file.py:callable or package.module:callable")
+    where, attr = spec.rsplit(":", 1)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"model file {where} does not exist")
+        mod_name = f"graphopt_model_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UsageError(f"importing {where} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise UsageError(f"cannot import module {where}: {type(exc).__name__}: {exc}") from exc
+    target = getattr(module, attr, None)
+    if target is None:
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise UsageError(f"{where} has no {attr!r}; callables there: {', '.join(names[:12]) or 'none'}")
+    return target
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` and optionally load a state_dict (weights_only)."""
+    target = _import_target(spec)
+    try:
+        model = target() if callable(target) and not isinstance(target, nn.Module) else target
+    except Exception as exc:
+        raise UsageError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise UsageError(f"weights file {weights} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise UsageError(f"cannot load weights {weights} into {spec}: {first_line(exc)}") from exc
+    return model

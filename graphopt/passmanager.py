@@ -1,0 +1,169 @@
+"""Runs a pipeline: each pass on a copy of the graph, verified before it is accepted.
+
+verify-each: after every pass, lint + recompile + run on the example inputs and compare
+with the graph before it under the pass's tolerance (structural passes: against their
+oracle). A failing pass leaves the graph as it was; the error names the pass, the passes
+before it and the first node whose output diverges.
+"""
+from __future__ import annotations
+
+import copy
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable, Sequence
+
+import torch
+import torch.fx as fx
+
+from .errors import PassError
+from .graph import Graph, annotate
+from .metrics import Tolerance, compare
+from .passes import Effect, Pass, PassContext, PassResult
+from .pipeline import Pipeline, parse_pipeline, resolve
+from .plugins import Registry
+
+
+@dataclass
+class PassRecord:
+    """Instrumentation of one pass: the ``passes`` rows of the report."""
+
+    name: str
+    seconds: float
+    modified: bool
+    nodes: int
+    params: int
+    macs: int
+    bytes: int
+    max_abs_err: float
+    cosine: float
+    verified: bool
+    stats: dict = field(default_factory=dict)
+    explanations: list[str] = field(default_factory=list)
+
+    def as_dict(self) -> dict:
+        d = {k: getattr(self, k) for k in ("name", "seconds", "modified", "nodes", "params",
+                                            "macs", "bytes", "max_abs_err", "cosine", "verified")}
+        d["seconds"] = round(self.seconds, 4)
+        d["stats"] = self.stats
+        d["explanations"] = self.explanations
+        return d
+
+
+@dataclass
+class PipelineRun:
+    graph: Graph
+    pipeline: str
+    reference: list[torch.Tensor]
+    records: list[PassRecord]
+
+
+def _node_values(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
+    values: dict[str, Any] = {}
+    annotate(gm, inputs, record=lambda n, v: values.__setitem__(n.name, v))
+    return values
+
+
+def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequence[torch.Tensor],
+                     tolerance: Tolerance) -> str | None:
+    """Name the first node (in the new graph's order) whose value diverges from the node of
+    the same name in the old graph, plus nodes the pass created that feed it."""
+    old = _node_values(before, inputs)
+    new = _node_values(after, inputs)
+    created = {n.name for n in after.graph.nodes} - set(old)
+    for node in after.graph.nodes:
+        a, b = new.get(node.name), old.get(node.name)
+        if node.op in ("placeholder", "output") or not isinstance(a, torch.Tensor) \
+                or not isinstance(b, torch.Tensor) or a.shape != b.shape:
+            continue
+        metrics = compare([b.float()], [a.float()])
+        problems = tolerance.violations(metrics)
+        if not problems:
+            continue
+        feeders, stack, seen = [], list(node.all_input_nodes), set()
+        while stack:
+            n = stack.pop()
+            if n.name in seen:
+                continue
+            seen.add(n.name)
+            if n.name in created:
+                feeders.append(n.name)
+                stack.extend(n.all_input_nodes)
+        what = f"{node.op} {node.target if node.op != 'call_module' else type(after.get_submodule(node.target)).__name__}"
+        fed = f", fed by new node(s) {', '.join(sorted(feeders))}" if feeders else ""
+        return f"`{node.name}` ({what}): {problems[0]}{fed}"
+    return None
+
+
+def _fail(spec: Pass, done: list[str], message: str, node: str | None = None) -> PassError:
+    before = f"after {', '.join(done)}" if done else "as the first pass"
+    where = f"; first diverging node {node}" if node else ""
+    return PassError(f"pass {spec.name} ({before}) {message}{where}; the graph before "
+                     f"{spec.name} was kept", pass_name=spec.name, before=tuple(done), node=node)
+
+
+def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
+                 verify: bool = True, data: dict | None = None,
+                 print_ir_after: Sequence[str] = (),
+                 on_ir: Callable[[str, str], None] | None = None,
+                 on_pass: Callable[[PassRecord], None] | None = None) -> PipelineRun:
+    """Run ``pipeline`` on a copy of ``graph``; returns the final graph and one record per pass.
+
+    ``print_ir_after`` names passes (or ``all``) whose resulting graph code goes to
+    ``on_ir(pass_name, code)``. ``data`` is shared with every pass as ``ctx.data``.
+    """
+    pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    steps = resolve(pipe, registry.passes)
+    data = dict(data or {})
+    for spec, _ in steps:
+        missing = [k for k in spec.needs if k not in data]
+        if missing:
+            raise PassError(f"pass {spec.name} needs {', '.join(missing)}, which was not given",
+                            pass_name=spec.name)
+    current = graph.clone()
+    reference = annotate(current.module, current.example_inputs)
+    previous = reference
+    records: list[PassRecord] = []
+    done: list[str] = []
+    for (spec, options), item in zip(steps, pipe.items):
+        work = copy.deepcopy(current.module)
+        ctx = PassContext(options=options, graph=current.replace(work), data=data)
+        start = time.perf_counter()
+        try:
+            result = spec.run(work, ctx)
+            if not isinstance(result, PassResult):
+                raise TypeError(f"run returned {type(result).__name__}, not PassResult")
+            gm = result.graph_module
+            gm.graph.lint()
+            gm.recompile()
+            outputs = annotate(gm, current.example_inputs)
+        except Exception as exc:
+            raise _fail(spec, done, f"failed: {type(exc).__name__}: {exc}") from exc
+        seconds = time.perf_counter() - start
+        verified = False
+        if verify:
+            try:
+                expected = spec.oracle(current.module, gm, ctx) if spec.oracle else previous
+                metrics = compare(expected, outputs)
+            except Exception as exc:
+                raise _fail(spec, done, f"could not be verified: {exc}") from exc
+            problems = spec.effect.tolerance.violations(metrics)
+            if problems:
+                node = None if spec.effect is Effect.STRUCTURAL else first_divergence(
+                    current.module, gm, current.example_inputs, spec.effect.tolerance)
+                raise _fail(spec, done, f"changed the outputs beyond its {spec.effect.value} "
+                                        f"tolerance ({'; '.join(problems)})", node)
+            verified = True
+        current = current.replace(gm)
+        previous = outputs
+        total = compare(reference, outputs)
+        st = current.stats()
+        record = PassRecord(str(item), seconds, bool(result.modified), st["nodes"], st["params"],
+                            st["macs"], st["bytes"], total.max_abs, total.cosine, verified,
+                            dict(result.stats), list(ctx.explanations))
+        records.append(record)
+        done.append(spec.name)
+        if on_pass:
+            on_pass(record)
+        if on_ir and ("all" in print_ir_after or spec.name in print_ir_after):
+            on_ir(spec.name, gm.code)
+    return PipelineRun(current, str(pipe), reference, records)

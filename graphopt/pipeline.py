@@ -1,0 +1,135 @@
+"""Textual pipelines: ``cleanup,fold-bn,prune(ratio=0.5)`` parses and prints round-trip.
+
+Grammar::
+
+    pipeline := item ("," item)*
+    item     := NAME [ "(" [ option ("," option)* ] ")" ]
+    option   := KEY "=" VALUE          VALUE: anything but , ( ) = and whitespace, or "quoted"
+"""
+from __future__ import annotations
+
+import difflib
+import re
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from .errors import PipelineError
+
+if TYPE_CHECKING:
+    from .passes import Pass
+
+_TOKEN = re.compile(r'\s*(?:(?P<punct>[(),=])|"(?P<quoted>[^"]*)"|(?P<word>[^\s(),="]+))')
+
+
+@dataclass(frozen=True)
+class PipelineItem:
+    """One pass in a pipeline, options as written (typed later against the pass)."""
+
+    name: str
+    options: tuple[tuple[str, str], ...] = ()
+
+    def __str__(self) -> str:
+        if not self.options:
+            return self.name
+        return f"{self.name}({','.join(f'{k}={_quote(v)}' for k, v in self.options)})"
+
+
+@dataclass(frozen=True)
+class Pipeline:
+    items: tuple[PipelineItem, ...]
+
+    def __str__(self) -> str:
+        return ",".join(map(str, self.items))
+
+    @property
+    def names(self) -> list[str]:
+        return [i.name for i in self.items]
+
+
+def _quote(value: str) -> str:
+    return value if value and re.fullmatch(r'[^\s(),="]+', value) else f'"{value}"'
+
+
+def _tokens(text: str) -> list[tuple[str, str]]:
+    out, pos = [], 0
+    text = text.rstrip()
+    while pos < len(text):
+        m = _TOKEN.match(text, pos)
+        if not m or m.end() == pos:
+            raise PipelineError(f"bad pipeline text at column {pos + 1}: {text[pos:]!r}")
+        kind = m.lastgroup
+        out.append((kind, m.group(kind)))
+        pos = m.end()
+    return out
+
+
+def parse_pipeline(text: str) -> Pipeline:
+    """Parse pipeline text; a syntax error says where it is."""
+    toks = _tokens(text)
+    if not toks:
+        raise PipelineError("empty pipeline; give pass names separated by commas, e.g. cleanup,fold-bn")
+    items: list[PipelineItem] = []
+    i = 0
+
+    def expect(kind: str, value: str | None = None) -> str:
+        nonlocal i
+        if i >= len(toks) or toks[i][0] != kind or (value is not None and toks[i][1] != value):
+            got = repr(toks[i][1]) if i < len(toks) else "end of text"
+            want = repr(value) if value else ("a name" if kind == "word" else kind)
+            raise PipelineError(f"bad pipeline {text!r}: expected {want}, got {got}")
+        i += 1
+        return toks[i - 1][1]
+
+    while True:
+        name = expect("word")
+        options: list[tuple[str, str]] = []
+        if i < len(toks) and toks[i] == ("punct", "("):
+            i += 1
+            while not (i < len(toks) and toks[i] == ("punct", ")")):
+                if i == len(toks):
+                    raise PipelineError(f"bad pipeline {text!r}: expected ')' to close {name}(, got end of text")
+                if options:
+                    expect("punct", ",")
+                key = expect("word")
+                expect("punct", "=")
+                if i < len(toks) and toks[i][0] in ("word", "quoted"):
+                    value = toks[i][1]
+                    i += 1
+                else:
+                    value = expect("word")
+                if any(k == key for k, _ in options):
+                    raise PipelineError(f"bad pipeline {text!r}: option {key!r} given twice to {name}")
+                options.append((key, value))
+            expect("punct", ")")
+        items.append(PipelineItem(name, tuple(options)))
+        if i == len(toks):
+            return Pipeline(tuple(items))
+        expect("punct", ",")
+
+
+def _close(word: str, candidates: list[str]) -> str:
+    near = difflib.get_close_matches(word, candidates, n=3, cutoff=0.5)
+    return f"did you mean {' or '.join(near)}? " if near else ""
+
+
+def resolve(pipeline: Pipeline, passes: dict[str, "Pass"]) -> list[tuple["Pass", dict[str, Any]]]:
+    """Each item's Pass and its typed options (defaults filled in)."""
+    out = []
+    for item in pipeline.items:
+        spec = passes.get(item.name)
+        if spec is None:
+            raise PipelineError(f"unknown pass {item.name!r}; {_close(item.name, sorted(passes))}"
+                                f"available: {', '.join(sorted(passes)) or 'none'}")
+        values = {o.name: o.default for o in spec.options}
+        for key, raw in item.options:
+            opt = spec.option(key)
+            if opt is None:
+                valid = ", ".join(o.name for o in spec.options) or "none"
+                raise PipelineError(f"pass {item.name} has no option {key!r}; "
+                                    f"{_close(key, [o.name for o in spec.options])}valid options: {valid}")
+            try:
+                values[key] = opt.parse(raw)
+            except ValueError as exc:
+                raise PipelineError(f"{item}: {exc}") from None
+        out.append((spec, values))
+    return out

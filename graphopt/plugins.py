@@ -1,0 +1,157 @@
+"""Plugin discovery and the registry of passes and emitters.
+
+Plugins come from the entry-point group ``graphopt`` (built-ins and third-party packages
+alike) and from ``--plugin PATH.py|module``; ``-p no:NAME`` blocks one by name.
+"""
+from __future__ import annotations
+
+import importlib
+import importlib.metadata as md
+import importlib.util
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any, Iterable
+
+import pluggy
+
+from . import hookspecs
+from .emit import Emitter
+from .errors import PluginError
+from .passes import Pass
+
+GROUP = "graphopt"
+
+
+@dataclass
+class PluginInfo:
+    name: str
+    source: str          # "entry point pkg.mod (dist 1.0)" or a file path
+
+
+@dataclass
+class Registry:
+    """Loaded plugins and what they registered."""
+
+    manager: pluggy.PluginManager
+    plugins: list[PluginInfo] = field(default_factory=list)
+    passes: dict[str, Pass] = field(default_factory=dict)
+    emitters: dict[str, Emitter] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)   # "pass:NAME" / "emitter:FMT" -> plugin
+
+    def default_pipeline(self) -> str:
+        """Passes that declare a ``default_order``, in that order."""
+        chosen = sorted((p for p in self.passes.values() if p.default_order is not None),
+                        key=lambda p: (p.default_order, p.name))
+        return ",".join(p.name for p in chosen)
+
+
+def _load_path(spec: str) -> tuple[str, ModuleType]:
+    """Import ``spec``: a ``.py`` file path or a dotted module name."""
+    if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
+        path = Path(spec)
+        if not path.is_file():
+            raise PluginError(f"plugin file {spec} does not exist")
+        name = path.stem
+        mod_name = f"graphopt_user_plugin_{name}"
+        try:
+            module_spec = importlib.util.spec_from_file_location(mod_name, path)
+            module = importlib.util.module_from_spec(module_spec)
+            sys.modules[mod_name] = module
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            sys.modules.pop(mod_name, None)
+            raise PluginError(f"plugin {name} ({path}) failed to import: {type(exc).__name__}: {exc}") from exc
+        return name, module
+    try:
+        return spec.rsplit(".", 1)[-1], importlib.import_module(spec)
+    except Exception as exc:
+        raise PluginError(f"plugin module {spec} failed to import: {type(exc).__name__}: {exc}") from exc
+
+
+def _collect(reg: Registry, hook: str, kind: type, key: str) -> dict[str, Any]:
+    found: dict[str, Any] = {}
+    caller = getattr(reg.manager.hook, hook)
+    for impl in caller.get_hookimpls():   # registration order
+        plugin = impl.plugin_name
+        try:
+            items = impl.function()
+        except Exception as exc:
+            raise PluginError(f"plugin {plugin}: hook {hook} raised {type(exc).__name__}: {exc}") from exc
+        if not isinstance(items, (list, tuple)):
+            raise PluginError(f"plugin {plugin}: hook {hook} must return a list, got {type(items).__name__}")
+        for item in items:
+            if not isinstance(item, kind):
+                raise PluginError(f"plugin {plugin}: hook {hook} returned {type(item).__name__}, "
+                                  f"expected {kind.__name__}")
+            name = getattr(item, key)
+            problems = item.problems()
+            if problems:
+                raise PluginError(f"plugin {plugin}: {'; '.join(problems)}")
+            label = f"{kind.__name__.lower()}:{name}"
+            if name in found:
+                raise PluginError(f"plugin {plugin}: {kind.__name__.lower()} {name!r} is already "
+                                  f"registered by plugin {reg.owner[label]}; block one with -p no:NAME")
+            found[name] = item
+            reg.owner[label] = plugin
+    return found
+
+
+def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
+                 entry_points: bool = True) -> Registry:
+    """Discover, import and validate plugins; returns the registry of passes and emitters."""
+    pm = pluggy.PluginManager(GROUP)
+    pm.add_hookspecs(hookspecs)
+    blocked = list(blocked)
+    for name in blocked:
+        pm.set_blocked(name)
+    reg = Registry(pm)
+    seen_blocked: set[str] = set()
+    candidates: list[tuple[str, str, Any]] = []
+    if entry_points:
+        for ep in sorted(md.entry_points(group=GROUP), key=lambda e: e.name):
+            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
+            candidates.append((ep.name, f"entry point {ep.value} ({dist})", ep))
+    for spec in extra:
+        candidates.append((None, spec, spec))
+    for name, source, what in candidates:
+        if name is not None and name in blocked:
+            seen_blocked.add(name)
+            continue
+        if isinstance(what, md.EntryPoint):
+            try:
+                module = what.load()
+            except Exception as exc:
+                raise PluginError(f"plugin {name} ({source}) failed to import: "
+                                  f"{type(exc).__name__}: {exc}") from exc
+        else:
+            name, module = _load_path(what)
+            source = what
+            if name in blocked:
+                seen_blocked.add(name)
+                continue
+        if pm.has_plugin(name) or pm.get_plugin(name) is not None:
+            raise PluginError(f"two plugins are named {name!r} ({source}); rename one")
+        try:
+            pm.register(module, name=name)
+        except pluggy.PluginValidationError as exc:
+            detail = " ".join(str(exc).splitlines()[1:]) or str(exc)
+            raise PluginError(f"plugin {name} ({source}): bad hook signature: {detail}") from exc
+        except ValueError as exc:
+            raise PluginError(f"plugin {name} ({source}): {exc}") from exc
+        reg.plugins.append(PluginInfo(name, source))
+    unknown = [b for b in blocked if b not in seen_blocked]
+    if unknown:
+        names = ", ".join(p.name for p in reg.plugins) or "none"
+        raise PluginError(f"cannot block {', '.join(unknown)}: no such plugin (plugins: {names})")
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as exc:
+        name = pm.get_name(exc.plugin) or "?"
+        hook = str(exc).split("'")[1] if "'" in str(exc) else "?"
+        raise PluginError(f"plugin {name}: unknown hook {hook}; valid hooks: "
+                          f"{', '.join(sorted(n for n, h in vars(pm.hook).items() if h.spec))}") from exc
+    reg.passes = _collect(reg, "graphopt_register_passes", Pass, "name")
+    reg.emitters = _collect(reg, "graphopt_register_emitters", Emitter, "format")
+    return reg

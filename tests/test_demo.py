@@ -1,0 +1,29 @@
+import json
+
+from graphopt.cli import main
+
+
+def test_demo_trains_caches_emits_and_scores_every_format(capsys, tmp_path, monkeypatch, registry):
+    monkeypatch.setenv("GRAPHOPT_CACHE", str(tmp_path / "cache"))
+    out = tmp_path / "demo"
+    assert main(["demo", "--out", str(out), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert (tmp_path / "cache" / "digits_net-v1.pt").is_file()
+    assert report["ok"] and report["pipeline"] == registry.default_pipeline()
+    rows = {r["format"]: r for r in report["demo"]["formats"]}
+    available = {f for f, e in registry.emitters.items() if not e.missing()}
+    assert set(rows) == {"pytorch", "fx graph"} | available
+    assert report["demo"]["held_out"] == 450
+    for fmt, row in rows.items():
+        assert row["verified"], fmt
+        assert row["accuracy"] >= 0.95, fmt
+        assert abs(row["accuracy"] - rows["pytorch"]["accuracy"]) <= 1 / 450, fmt
+    for art in report["artifacts"]:
+        assert (out / art["path"].split("/")[-1]).stat().st_size == art["bytes"]
+    assert json.loads((out / "report.json").read_text())["ok"]
+    # the pipeline really changed the graph: BatchNorm folded, dropout removed
+    assert report["passes"][-1]["nodes"] < report["model"]["nodes"]
+    # second run: cached weights, same artifacts byte for byte
+    first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".json"}
+    assert main(["demo", "--out", str(out), "--quiet"]) == 0
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".json"} == first
