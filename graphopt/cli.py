@@ -56,6 +56,22 @@ def build_parser() -> argparse.ArgumentParser:
                      help="print the graph code after this pass (repeatable)")
     run.add_argument("--explain", action="append", default=[], metavar="PASS",
                      help="list each candidate rewrite of PASS, applied or rejected, and why")
+    run.add_argument("--bench", action="store_true",
+                     help="time the artifacts beside the unoptimized model (eager and each format); "
+                          "writes bench.json and bench.png into --out")
+    _timing(run)
+
+    bench = sub.add_parser("bench", parents=[common], help="time artifacts in their runtimes, side by side")
+    bench.add_argument("artifacts", nargs="+", help="artifact files (format from the suffix)")
+    src = bench.add_mutually_exclusive_group(required=True)
+    src.add_argument("--reference", metavar="CASE.npz", help="inputs and reference outputs (a golden npz)")
+    src.add_argument("--golden", metavar="NAME", help="golden model name in the manifest")
+    src.add_argument("--input-shape", action="append", metavar="1x3x224x224",
+                     help="random inputs of this shape; errors are then relative to the first artifact")
+    bench.add_argument("--golden-dir", default="golden", help="folder of manifest.json (default: golden)")
+    bench.add_argument("--plot", default="bench.png", help="PNG plot to write (default: bench.png)")
+    bench.add_argument("--save", default="bench.json", help="JSON results to write (default: bench.json)")
+    _timing(bench)
 
     sub.add_parser("passes", parents=[common], help="list the registered passes")
     sub.add_parser("emitters", parents=[common], help="list the registered output formats")
@@ -80,6 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     demo.add_argument("--pipeline", help="pipeline (default: the default pipeline)")
     return parser
+
+
+def _timing(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--threads", type=int, default=1, help="intra-op threads of every runtime (default: 1)")
+    p.add_argument("--runs", type=int, default=50, help="timed runs per artifact after warm-up (default: 50)")
+    p.add_argument("--eval", metavar="DATA.npz", help="labelled data (x or one array per input, and y) for accuracy")
 
 
 def _registry(args):

@@ -6,13 +6,9 @@ from pathlib import Path
 from rich.table import Table
 
 from .cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
-from .console import Ui, artifacts_table, human_bytes, passes_table
+from .console import Ui, artifacts_table, bench_table, passes_table
 from .errors import UsageError, first_line
 from .plugins import Registry
-
-
-def _formats(text: str) -> list[str]:
-    return [f.strip() for f in text.split(",") if f.strip()]
 
 
 def _check_report_path(path: str | None) -> Path | None:
@@ -31,8 +27,7 @@ def cmd_run(args, registry: Registry) -> int:
     from .pipeline import parse_pipeline, resolve
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
-    formats = _formats(args.emit)
-    select_emitters(registry, formats)
+    formats = select_emitters(registry, args.emit)
     out = check_out_dir(Path(args.out)) if formats else None
     report_path = _check_report_path(args.report)
     pipeline = args.pipeline if args.pipeline is not None else registry.default_pipeline()
@@ -41,6 +36,7 @@ def cmd_run(args, registry: Registry) -> int:
     for name in args.explain + [p for p in args.print_ir_after if p != "all"]:
         if name not in registry.passes:
             raise UsageError(f"unknown pass {name!r} for --explain/--print-ir-after")
+    _check_timing(args)
     model = load_model(args.model, args.weights)
     inputs = example_inputs(shapes, args.seed)
 
@@ -49,23 +45,33 @@ def cmd_run(args, registry: Registry) -> int:
         ui.out.print(code, markup=False) if not ui.quiet else None
 
     with ui.progress("starting") as progress:
-        result = optimize(model, inputs, registry, pipeline=pipeline, formats=formats, out_dir=out,
+        result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
                           model_spec=args.model, name=args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
                           leaf_modules=args.leaf_module, print_ir_after=args.print_ir_after,
                           on_ir=show_ir, progress=progress)
     report = result.report
+    bench_rows = []
+    if args.bench and result.ok:
+        bench_rows = _bench_run(args, result, model, registry, ui)
+        report["bench"] = [r.as_dict() for r in bench_rows]
     if report_path:
         write_json_atomic(report_path, report)
     if args.json:
         dump_json(report)
     ui.print(passes_table(report["model"], result.pipeline.records))
-    for rec in result.pipeline.records:
-        if rec.name.split("(")[0] in args.explain:
-            ui.print(f"[bold]explain {rec.name}[/bold]")
-            for line in rec.explanations or ["(no candidates)"]:
+    explained = [(rec.name, rec.explanations) for rec in result.pipeline.records] + [
+        (f"{p['pass']} (preparing {c.artifact.format})", p["explanations"])
+        for c in result.artifacts for p in c.artifact.meta.get("prepared", [])]
+    for name, lines in explained:
+        if name.split("(")[0].strip() in args.explain:
+            ui.print(f"[bold]explain {name}[/bold]")
+            for line in lines or ["(no candidates)"]:
                 ui.out.print(f"  {line}", markup=False) if not ui.quiet else None
     if report["artifacts"]:
         ui.print(artifacts_table(report["artifacts"]))
+    if bench_rows:
+        ui.print(bench_table(bench_rows))
+        ui.print(f"bench.json and bench.png in {out}/")
     if not result.ok:
         ui.err.print("graphopt: some artifacts did not verify; nothing was written to the output directory",
                      markup=False)
@@ -148,7 +154,9 @@ def cmd_verify(args, registry: Registry) -> int:
 
 
 def cmd_golden(args, registry: Registry) -> int:
+    from .driver import select_emitters
     from .golden import GRAPH, GoldenEntry, Manifest, check, record
+    from .pipeline import parse_pipeline
     from .metrics import Tolerance
     from .modelspec import parse_shape
     ui = Ui(args.quiet, args.json)
@@ -158,7 +166,9 @@ def cmd_golden(args, registry: Registry) -> int:
             raise UsageError("--model adds one model: graphopt golden record NAME --model SPEC --input-shape S")
         shapes = [list(parse_shape(s)) for s in args.input_shape]
         tol = {GRAPH: Tolerance(max_rel=1e-5)}
-        tol.update((f, registry.emitters[f].tolerance) for f in _formats(args.formats) if f in registry.emitters)
+        for item in parse_pipeline(args.formats).items if args.formats else ():
+            ((emitter, options),) = select_emitters(registry, str(item))
+            tol[str(item)] = emitter.tolerance_for(options)
         manifest.entries[args.names[0]] = GoldenEntry(
             args.names[0], args.model, {f"input_{i}": s for i, s in enumerate(shapes)},
             pipeline=args.pipeline, tolerances=tol)
@@ -196,3 +206,76 @@ def cmd_golden(args, registry: Registry) -> int:
 def cmd_demo(args, registry: Registry) -> int:
     from .demo import run_demo
     return run_demo(args, registry)
+
+
+def _check_timing(args) -> None:
+    if args.threads < 1 or args.runs < 1:
+        raise UsageError("--threads and --runs take a positive number")
+    if args.eval and not Path(args.eval).is_file():
+        raise UsageError(f"eval data {args.eval} does not exist")
+
+
+def _bench_run(args, result, model, registry: Registry, ui: Ui) -> list:
+    import tempfile
+
+    from .bench import bench, load_eval, plot, run_subjects
+    from .emit import write_json_atomic
+    out = Path(args.out)
+    eval_data = load_eval(Path(args.eval), result.original.input_names) if args.eval else None
+    with tempfile.TemporaryDirectory() as tmp, ui.progress("emitting the unoptimized baselines") as progress:
+        subjects = run_subjects(result, registry, Path(tmp), model, args.threads)
+        rows = bench(subjects, result.original.example_inputs, reference=result.pipeline.reference,
+                     threads=args.threads, runs=args.runs, eval_data=eval_data, progress=progress)
+    write_json_atomic(out / "bench.json", [r.as_dict() for r in rows])
+    plot(rows, out / "bench.png", f"{result.original.name}: graphopt artifacts vs unoptimized")
+    return rows
+
+
+def cmd_bench(args, registry: Registry) -> int:
+    from .bench import Subject, bench, load_eval, plot
+    from .emit import write_json_atomic
+    from .golden import GoldenCase, Manifest
+    from .modelspec import example_inputs, parse_shape
+    ui = Ui(args.quiet, args.json)
+    _check_timing(args)
+    by_suffix = {e.suffix: e for e in registry.emitters.values()}
+    paths = [Path(p) for p in args.artifacts]
+    for path in paths:
+        if not path.is_file():
+            raise UsageError(f"artifact {path} does not exist")
+        if path.suffix not in by_suffix:
+            raise UsageError(f"no emitter reads {path.suffix} files; known: {', '.join(sorted(by_suffix))}")
+    for target in (args.plot, args.save):
+        _check_report_path(target)
+    if args.input_shape:
+        inputs, reference = list(example_inputs([parse_shape(s) for s in args.input_shape])), None
+        names = [f"input_{i}" for i in range(len(inputs))]
+    else:
+        if args.golden:
+            manifest = Manifest.load(Path(args.golden_dir))
+            case = GoldenCase.load(manifest.case_path(manifest.entry(args.golden).name))
+        else:
+            case = GoldenCase.load(Path(args.reference))
+        inputs, reference, names = list(case.inputs.values()), case.outputs, list(case.inputs)
+    eval_data = load_eval(Path(args.eval), names) if args.eval else None
+    subjects = []
+    for path in paths:
+        emitter = by_suffix[path.suffix]
+        try:
+            runner = emitter.load(emitter.artifact_for(path), threads=args.threads)
+            if reference is None:
+                reference = runner(inputs)
+        except Exception as exc:
+            raise UsageError(f"{path} cannot run on these inputs: {first_line(exc)}") from exc
+        subjects.append(Subject(path.name, emitter.format, runner, path, path.stat().st_size,
+                                baseline=paths[0].name if path != paths[0] else None))
+    with ui.progress("benchmarking") as progress:
+        rows = bench(subjects, inputs, reference=reference, threads=args.threads, runs=args.runs,
+                     eval_data=eval_data, progress=progress)
+    write_json_atomic(Path(args.save), [r.as_dict() for r in rows])
+    plot(rows, Path(args.plot), "graphopt bench")
+    if args.json:
+        dump_json([r.as_dict() for r in rows])
+    ui.print(bench_table(rows))
+    ui.print(f"{args.save} and {args.plot} written")
+    return EXIT_OK

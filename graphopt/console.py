@@ -80,3 +80,17 @@ class Ui:
             return
         with self.err.status(first) as status:
             yield lambda message: status.update(message)
+
+
+def bench_table(rows) -> Table:
+    """``rows`` are BenchRow objects from graphopt.bench."""
+    t = Table(title=f"bench ({rows[0].threads} thread(s), {rows[0].runs} runs, round-robin)", title_justify="left")
+    for col in ("artifact", "size", "median ms", "p10-p90 ms", "speed-up", "max rel err", "accuracy"):
+        t.add_column(col, justify="left" if col == "artifact" else "right")
+    for r in rows:
+        t.add_row(r.label, human_bytes(r.bytes) if r.bytes else "-", f"{r.median_ms:.2f}",
+                  f"{r.p10_ms:.2f}-{r.p90_ms:.2f}",
+                  f"{r.speedup:.2f}x vs {r.baseline}" if r.speedup else "-",
+                  "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}",
+                  "-" if r.accuracy is None else f"{r.accuracy:.2%}")
+    return t

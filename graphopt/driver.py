@@ -17,10 +17,11 @@ import torch.nn as nn
 from . import __version__
 from .capture import capture
 from .emit import Artifact, Emitter, install, staging_dir
-from .errors import EmitError, UsageError
+from .errors import EmitError, PipelineError, UsageError
 from .graph import Graph
-from .metrics import Metrics, compare
+from .metrics import Metrics, Tolerance, compare
 from .passmanager import PassRecord, PipelineRun, run_pipeline
+from .pipeline import parse_pipeline, resolve
 from .plugins import Registry
 
 REPORT_VERSION = 1
@@ -50,34 +51,43 @@ class ArtifactCheck:
 
 @dataclass
 class RunResult:
-    graph: Graph
+    graph: Graph                 # optimized
+    original: Graph              # as captured, before any pass
     pipeline: PipelineRun
     artifacts: list[ArtifactCheck]
     report: dict
+    requests: list = field(default_factory=list)
 
     @property
     def ok(self) -> bool:
         return bool(self.report["ok"])
 
 
-def select_emitters(registry: Registry, formats: Sequence[str]) -> list[Emitter]:
-    """The emitters for ``formats``; unknown or uninstalled formats are a UsageError."""
-    chosen = []
-    for fmt in formats:
-        emitter = registry.emitters.get(fmt)
-        if emitter is None:
-            raise UsageError(f"unknown format {fmt!r}; available: {', '.join(sorted(registry.emitters)) or 'none'}")
+EmitRequest = tuple[Emitter, dict]
+
+
+def select_emitters(registry: Registry, formats: str | Sequence[str]) -> list[EmitRequest]:
+    """Emitters and typed options for ``formats``: text like ``onnx,tflite(precision=fp16)``
+    or a list of such items. Unknown or uninstalled formats are a UsageError."""
+    text = formats if isinstance(formats, str) else ",".join(formats)
+    if not text.strip():
+        return []
+    try:
+        chosen = resolve(parse_pipeline(text), registry.emitters, kind="format")
+    except PipelineError as exc:
+        raise UsageError(str(exc)) from None
+    for emitter, _ in chosen:
         missing = emitter.missing()
         if missing:
-            raise UsageError(f"format {fmt} needs {', '.join(missing)}; install them with "
+            raise UsageError(f"format {emitter.format} needs {', '.join(missing)}; install them with "
                              f"pip install 'graphopt[all]'")
-        chosen.append(emitter)
     return chosen
 
 
 def check_artifact(emitter: Emitter, artifact: Artifact, inputs: Sequence[torch.Tensor],
-                   expected: Sequence[torch.Tensor], reference: Sequence[torch.Tensor]) -> ArtifactCheck:
-    """Run ``artifact`` in its runtime and compare with ``expected`` under the emitter's tolerance."""
+                   expected: Sequence[torch.Tensor], reference: Sequence[torch.Tensor],
+                   tolerance: Tolerance) -> ArtifactCheck:
+    """Run ``artifact`` in its runtime and compare with ``expected`` under ``tolerance``."""
     start = time.perf_counter()
     try:
         runner = emitter.load(artifact)
@@ -89,34 +99,54 @@ def check_artifact(emitter: Emitter, artifact: Artifact, inputs: Sequence[torch.
     except Exception as exc:
         raise EmitError(f"{emitter.format} artifact {artifact.path.name} failed to run: "
                         f"{type(exc).__name__}: {exc}") from exc
-    problems = emitter.tolerance.violations(vs_graph)
+    problems = tolerance.violations(vs_graph)
     return ArtifactCheck(artifact, not problems, vs_graph, vs_ref, problems, time.perf_counter() - start,
                          artifact.bytes)
 
 
-def emit_all(graph: Graph, emitters: Sequence[Emitter], out_dir: Path, reference: Sequence[torch.Tensor],
-             *, options: dict[str, dict] | None = None, progress: Progress | None = None) -> list[ArtifactCheck]:
-    """Emit and verify every format; install the files only if all of them verified."""
+def emit_one(graph: Graph, emitter: Emitter, options: dict, stage: Path, registry: Registry) -> Artifact:
+    """Run the emitter's ``prepare`` pipeline (verified) on a copy of ``graph``, then emit.
+    What ``prepare`` rewrote is recorded in ``artifact.meta["prepared"]``."""
+    prepared: list[dict] = []
+    if emitter.prepare:
+        run = run_pipeline(graph, emitter.prepare, registry)
+        graph = run.graph
+        graph.meta["pipeline"] = ",".join(filter(None, [graph.meta.get("pipeline", ""), run.pipeline]))
+        prepared = [{"pass": r.name, "modified": r.modified, "stats": r.stats,
+                     "explanations": r.explanations} for r in run.records]
+    try:
+        artifact = emitter.emit(graph, options, stage)
+    except EmitError:
+        raise
+    except Exception as exc:
+        raise EmitError(f"{emitter.format} emitter failed: {type(exc).__name__}: {exc}") from exc
+    artifact.meta.setdefault("options", options)
+    if prepared:
+        artifact.meta["prepared"] = prepared
+    return artifact
+
+
+def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path, reference: Sequence[torch.Tensor],
+             registry: Registry, *, progress: Progress | None = None) -> list[ArtifactCheck]:
+    """Emit and verify every requested format; install the files only if all of them verified."""
     out_dir = Path(out_dir)
     created = not out_dir.exists()
     expected = graph.run()
     checks: list[ArtifactCheck] = []
     try:
         with staging_dir(out_dir) as stage:
-            for emitter in emitters:
+            for emitter, options in requests:
                 if progress:
                     progress(f"emitting {emitter.format}")
-                opts = {o.name: o.default for o in emitter.options}
-                opts.update((options or {}).get(emitter.format, {}))
-                try:
-                    artifact = emitter.emit(graph, opts, stage)
-                except EmitError:
-                    raise
-                except Exception as exc:
-                    raise EmitError(f"{emitter.format} emitter failed: {type(exc).__name__}: {exc}") from exc
+                artifact = emit_one(graph, emitter, options, stage, registry)
                 if progress:
                     progress(f"verifying {emitter.format} in its runtime")
-                checks.append(check_artifact(emitter, artifact, graph.example_inputs, expected, reference))
+                checks.append(check_artifact(emitter, artifact, graph.example_inputs, expected, reference,
+                                             emitter.tolerance_for(options)))
+            names = [c.artifact.path.name for c in checks]
+            if len(set(names)) != len(names):
+                raise UsageError(f"two requested artifacts share a file name ({', '.join(names)}); "
+                                 f"give them different options")
             if all(c.verified for c in checks):
                 for c in checks:
                     target = out_dir / c.artifact.path.name
@@ -128,18 +158,13 @@ def emit_all(graph: Graph, emitters: Sequence[Emitter], out_dir: Path, reference
     return checks
 
 
-def _input_specs(graph: Graph) -> list[dict]:
-    return [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
-            for n, t in zip(graph.input_names, graph.example_inputs)]
-
-
 def build_report(model_spec: str, original: Graph, run: PipelineRun, checks: Sequence[ArtifactCheck],
                  seconds: float, error: str | None = None) -> dict:
     """The report JSON (schema documented in the README; ``version`` bumps on breaking change)."""
     return {
         "version": REPORT_VERSION,
         "graphopt": __version__,
-        "model": {"spec": model_spec, "name": original.name, "inputs": _input_specs(original),
+        "model": {"spec": model_spec, "name": original.name, "inputs": original.input_specs(),
                   **original.stats()},
         "pipeline": run.pipeline if run else "",
         "passes": [r.as_dict() for r in (run.records if run else [])],
@@ -152,17 +177,17 @@ def build_report(model_spec: str, original: Graph, run: PipelineRun, checks: Seq
 
 
 def optimize(model: nn.Module, example_inputs: Sequence[torch.Tensor], registry: Registry, *,
-             pipeline: str | None = None, formats: Sequence[str] = (), out_dir: Path | None = None,
+             pipeline: str | None = None, formats: str | Sequence[str] = (), out_dir: Path | None = None,
              model_spec: str = "", name: str | None = None, verify: bool = True,
              leaf_modules: Sequence = (), data: dict | None = None,
-             emit_options: dict[str, dict] | None = None, print_ir_after: Sequence[str] = (),
+             print_ir_after: Sequence[str] = (),
              on_ir: Callable[[str, str], None] | None = None,
              on_pass: Callable[[PassRecord], None] | None = None,
              progress: Progress | None = None) -> RunResult:
     """The whole job behind ``graphopt run``; raises GraphoptError on bad input or a failed pass."""
     start = time.perf_counter()
-    emitters = select_emitters(registry, formats)
-    if emitters and out_dir is None:
+    requests = select_emitters(registry, formats)
+    if requests and out_dir is None:
         raise UsageError("give an output directory (--out DIR) for the artifacts")
     if progress:
         progress("capturing with torch.fx")
@@ -177,10 +202,10 @@ def optimize(model: nn.Module, example_inputs: Sequence[torch.Tensor], registry:
         run = PipelineRun(graph.clone(), "", graph.run(), [])
     optimized = run.graph
     optimized.meta["pipeline"] = run.pipeline
-    checks = emit_all(optimized, emitters, out_dir, run.reference, options=emit_options,
-                      progress=progress) if emitters else []
+    checks = emit_all(optimized, requests, out_dir, run.reference, registry,
+                      progress=progress) if requests else []
     report = build_report(model_spec, graph, run, checks, time.perf_counter() - start)
-    return RunResult(optimized, run, checks, report)
+    return RunResult(optimized, graph, run, checks, report, requests)
 
 
 def check_out_dir(path: Path) -> Path:

@@ -1,6 +1,6 @@
 """The emitter contract: ``emit(graph, options, out_dir) -> Artifact`` and
-``load(artifact) -> runner``. A runner takes and returns torch-layout tensors, so one
-verification path serves every format.
+``load(artifact, threads=None) -> runner``. A runner takes and returns torch-layout
+tensors, so one verification path serves every format.
 """
 from __future__ import annotations
 
@@ -9,7 +9,9 @@ import importlib.util
 import json
 import os
 import shutil
+import sys
 import tempfile
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
@@ -17,7 +19,7 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 import torch
 
 from .metrics import Tolerance
-from .passes import Option
+from .passes import Effect, Option
 
 if TYPE_CHECKING:
     from .graph import Graph
@@ -40,16 +42,29 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Emitter:
-    """A registered output format."""
+    """A registered output format.
+
+    ``load(artifact, threads=None)`` returns the runner; ``threads`` fixes the runtime's
+    intra-op thread count (None: the runtime's default). ``prepare`` is pipeline text the
+    driver runs, verified like any pipeline, on a copy of the graph before this emitter
+    alone sees it (rewrites the format needs, e.g. ops its converter cannot take).
+    """
 
     format: str                                   # "onnx", "tflite", "ptl", ...
     description: str
     suffix: str                                   # ".onnx"
     emit: Callable[["Graph", dict, Path], Artifact]
-    load: Callable[[Artifact], Runner]
+    load: Callable[..., Runner]
     options: tuple[Option, ...] = ()
     modules: tuple[str, ...] = ()                 # Python modules it needs at run time
     tolerance: Tolerance = Tolerance(max_rel=1e-4, min_cosine=0.9999)
+    prepare: str = ""
+
+    def tolerance_for(self, options: dict) -> Tolerance:
+        """The tolerance for an artifact emitted with ``options``: an emitter option named
+        ``precision`` (fp16, int8) judges it like a pass of that effect."""
+        precision = options.get("precision", "fp32")
+        return self.tolerance if precision == "fp32" else Effect(precision).tolerance
 
     def missing(self) -> list[str]:
         """Required modules that are not installed (empty when the emitter can run)."""
@@ -92,6 +107,45 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@dataclass
+class Captured:
+    """What ``captured_output`` caught; ``text`` is filled in when the block exits."""
+
+    text: str = ""
+
+
+def _flush() -> None:
+    for stream in {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__} - {None}:
+        stream.flush()
+
+
+@contextlib.contextmanager
+def captured_output() -> Iterator[Captured]:
+    """Keep converters' prints, warnings and log lines (C++ ones and child processes' too)
+    off the console: file descriptors 1 and 2 and Python's streams write to a temporary file
+    while inside, whose text is ``Captured.text`` afterwards. Warnings are ignored."""
+    _flush()
+    captured = Captured()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as log, \
+            open(log.fileno(), "w", buffering=1, errors="replace", closefd=False) as stream:
+        try:
+            with warnings.catch_warnings(), contextlib.redirect_stdout(stream), \
+                    contextlib.redirect_stderr(stream):
+                warnings.simplefilter("ignore")
+                for fd in (1, 2):
+                    os.dup2(log.fileno(), fd)
+                yield captured
+        finally:
+            _flush()
+            stream.flush()
+            for fd, copy in zip((1, 2), saved):
+                os.dup2(copy, fd)
+                os.close(copy)
+            log.seek(0)
+            captured.text = log.read().decode(errors="replace")
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
@@ -105,16 +159,20 @@ def install(staged: Path, target: Path) -> None:
     os.replace(staged, target)
 
 
-def write_json_atomic(path: Path, data: Any) -> None:
-    """Write JSON so that a reader sees the old file or the whole new one, never a part."""
+def write_atomic(path: Path, data: bytes) -> None:
+    """Write ``data`` so that a reader sees the old file or the whole new one, never a part."""
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(data, f, indent=2, default=str)
-            f.write("\n")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
         install(Path(tmp), path)
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    """Write ``data`` as indented JSON with ``write_atomic``."""
+    write_atomic(path, (json.dumps(data, indent=2, default=str) + "\n").encode())

@@ -172,7 +172,7 @@ def check(manifest: Manifest, entry: GoldenEntry, registry, *,
     """Optimize the entry's model, emit each format it has a tolerance for, and compare the
     graph and every artifact with the stored outputs."""
     from .capture import capture
-    from .driver import select_emitters
+    from .driver import emit_one, select_emitters
     from .emit import staging_dir
     from .passmanager import run_pipeline
     case = GoldenCase.load(manifest.case_path(entry.name))
@@ -187,13 +187,13 @@ def check(manifest: Manifest, entry: GoldenEntry, registry, *,
     formats = [f for f in entry.tolerances if f != GRAPH]
     with tempfile.TemporaryDirectory() as tmp:
         with staging_dir(Path(tmp)) as stage:
-            for emitter in select_emitters(registry, formats):
+            for key in formats:
+                ((emitter, options),) = select_emitters(registry, key)
                 if progress:
-                    progress(f"{entry.name}: {emitter.format}")
-                artifact = emitter.emit(graph, {o.name: o.default for o in emitter.options}, stage)
+                    progress(f"{entry.name}: {key}")
+                artifact = emit_one(graph, emitter, options, stage, registry)
                 outputs = emitter.load(artifact)(inputs)
-                rows.append(_row(entry.name, emitter.format, case.outputs, outputs,
-                                 entry.tolerances[emitter.format]))
+                rows.append(_row(entry.name, key, case.outputs, outputs, entry.tolerances[key]))
     return rows
 
 

@@ -36,6 +36,11 @@ class Graph:
     def input_names(self) -> list[str]:
         return [n.name for n in self.module.graph.nodes if n.op == "placeholder"]
 
+    def input_specs(self) -> list[dict]:
+        """``[{name, shape, dtype}]`` of the example inputs, as artifacts and reports record them."""
+        return [{"name": n, "shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")}
+                for n, t in zip(self.input_names, self.example_inputs)]
+
     def run(self, inputs: Sequence[torch.Tensor] | None = None) -> list[torch.Tensor]:
         """Outputs of the graph for ``inputs`` (default: the example inputs), flattened."""
         with torch.no_grad():

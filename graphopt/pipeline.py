@@ -112,20 +112,21 @@ def _close(word: str, candidates: list[str]) -> str:
     return f"did you mean {' or '.join(near)}? " if near else ""
 
 
-def resolve(pipeline: Pipeline, passes: dict[str, "Pass"]) -> list[tuple["Pass", dict[str, Any]]]:
-    """Each item's Pass and its typed options (defaults filled in)."""
+def resolve(pipeline: Pipeline, passes: dict[str, Any], kind: str = "pass") -> list[tuple[Any, dict[str, Any]]]:
+    """Each item's definition (a Pass, or an Emitter with ``kind="format"``) and its typed
+    options, defaults filled in."""
     out = []
     for item in pipeline.items:
         spec = passes.get(item.name)
         if spec is None:
-            raise PipelineError(f"unknown pass {item.name!r}; {_close(item.name, sorted(passes))}"
+            raise PipelineError(f"unknown {kind} {item.name!r}; {_close(item.name, sorted(passes))}"
                                 f"available: {', '.join(sorted(passes)) or 'none'}")
         values = {o.name: o.default for o in spec.options}
         for key, raw in item.options:
             opt = spec.option(key)
             if opt is None:
                 valid = ", ".join(o.name for o in spec.options) or "none"
-                raise PipelineError(f"pass {item.name} has no option {key!r}; "
+                raise PipelineError(f"{kind} {item.name} has no option {key!r}; "
                                     f"{_close(key, [o.name for o in spec.options])}valid options: {valid}")
             try:
                 values[key] = opt.parse(raw)

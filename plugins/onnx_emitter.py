@@ -1,21 +1,17 @@
 """ONNX emitter: Graph -> torch.onnx.export (TorchScript or dynamo) -> onnxsim -> .onnx, run by onnxruntime."""
 from __future__ import annotations
 
-import contextlib
 import io
 import json
-import os
-import sys
-import warnings
 from collections import Counter
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
 import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
-from graphopt.emit import install
+from graphopt.emit import captured_output, write_atomic
 from graphopt.errors import first_line
 
 OPTIONS = (
@@ -27,32 +23,6 @@ OPTIONS = (
     Option("simplify", bool, True, "simplify the exported model with onnxsim"),
 )
 _LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}   # others: "torch" (as given)
-
-
-def _flush() -> None:
-    for stream in {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__} - {None}:
-        stream.flush()
-
-
-@contextlib.contextmanager
-def _quiet() -> Iterator[None]:
-    """Keep the exporters' prints, warnings and log lines (C++ ones too) off the console."""
-    _flush()
-    saved = [os.dup(1), os.dup(2)]
-    devnull = os.open(os.devnull, os.O_WRONLY)
-    try:
-        with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()), \
-                contextlib.redirect_stderr(io.StringIO()):
-            warnings.simplefilter("ignore")
-            for fd in (1, 2):
-                os.dup2(devnull, fd)
-            yield
-    finally:
-        _flush()
-        for fd, copy in zip((1, 2), saved):
-            os.dup2(copy, fd)
-            os.close(copy)
-        os.close(devnull)
 
 
 def _other(exporter: str) -> str:
@@ -68,7 +38,7 @@ def _export(graph: graphopt.Graph, opts: dict, output_names: list[str]) -> Any:
     common = dict(input_names=names, output_names=output_names, opset_version=opts["opset"],
                   dynamic_axes=dynamic)
     try:
-        with _quiet():
+        with captured_output():
             if opts["exporter"] == "dynamo":
                 program = torch.onnx.export(graph.module, graph.example_inputs, dynamo=True,
                                             verbose=False, **common)
@@ -87,7 +57,7 @@ def _simplify(model: Any) -> tuple[Any, str | None]:
     import onnxsim
 
     try:
-        with _quiet():
+        with captured_output():
             simplified, ok = onnxsim.simplify(model)
     except Exception as exc:
         return model, first_line(exc)
@@ -123,17 +93,6 @@ def _stamp(model: Any, graph: graphopt.Graph) -> None:
         model.metadata_props.add(key=key, value=value)
 
 
-def _write(model: Any, target: Path) -> None:
-    """Serialize ``model`` to ``target`` through a temporary name and ``os.replace``."""
-    staged = target.with_name(f".{target.name}.partial")
-    try:
-        staged.write_bytes(model.SerializeToString(deterministic=True))
-        install(staged, target)
-    except BaseException:
-        staged.unlink(missing_ok=True)
-        raise
-
-
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Export ``graph`` to ``out_dir/<name>.onnx``: checked, simplified unless told not to."""
     import onnx
@@ -154,7 +113,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
                         f"try exporter={_other(opts['exporter'])}") from exc
     target = Path(out_dir) / f"{graph.name}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
-    _write(model, target)
+    write_atomic(target, model.SerializeToString(deterministic=True))
     opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
     if opset != opts["opset"]:   # the dynamo exporter keeps opset 18+ when it cannot convert down
         meta["opset_requested"] = opts["opset"]

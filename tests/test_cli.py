@@ -160,14 +160,22 @@ def test_passes_and_emitters_listings(capsys):
 
 @pytest.mark.parametrize("builder", ["resnet18", "mobilenet_v2"])
 def test_full_size_models_run_end_to_end(tmp_path, builder):
-    """The 224x224 ResNet-18- and MobileNetV2-style models, through the real console script."""
+    """The 224x224 ResNet-18- and MobileNetV2-style models, through the real console script,
+    into every format (fp32 within 1e-4 of the output scale, fp16 within 1e-2)."""
     start = time.perf_counter()
     proc = subprocess.run([sys.executable, "-m", "graphopt.cli", "run", f"{TESTS / 'models.py'}:{builder}",
-                           "--input-shape", "1x3x224x224", "--out", str(tmp_path), "--json"],
+                           "--input-shape", "1x3x224x224", "--out", str(tmp_path), "--json",
+                           "--emit", "onnx,ptl,tflite,tflite(precision=fp16)"],
                           capture_output=True, text=True)
     seconds = time.perf_counter() - start
     assert proc.returncode == 0, proc.stderr
     report = json.loads(proc.stdout)
-    assert report["ok"] and report["artifacts"][0]["verified"]
-    assert report["passes"][-1]["macs"] == report["model"]["macs"]
+    assert report["ok"] and report["passes"][-1]["macs"] == report["model"]["macs"]
+    arts = {a["path"].rsplit("/", 1)[-1]: a for a in report["artifacts"]}
+    assert set(arts) == {f"{builder}.onnx", f"{builder}.ptl", f"{builder}.tflite", f"{builder}_fp16.tflite"}
+    for name, art in arts.items():
+        assert art["verified"], (name, art["problems"])
+    fp32, fp16 = arts[f"{builder}.tflite"], arts[f"{builder}_fp16.tflite"]
+    assert fp16["bytes"] < 0.55 * fp32["bytes"]
+    assert fp32["meta"]["inputs"][0]["layout"] == "NHWC"
     print(f"{builder}: graphopt run took {seconds:.1f} s")

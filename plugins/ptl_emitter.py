@@ -1,0 +1,201 @@
+"""TorchScript-Lite emitter: Graph -> torch.jit.trace (or script) -> freeze/optimize_for_mobile -> .ptl, run by the lite interpreter."""
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import warnings
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.fx as fx
+from torch.utils._pytree import tree_flatten
+
+import graphopt
+from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
+from graphopt.emit import write_atomic
+from graphopt.errors import first_line
+from graphopt.graph import flatten_outputs
+
+OPTIONS = (
+    Option("optimize_for_mobile", bool, True, "run torch's optimize_for_mobile (needs a torch "
+           "build with XNNPACK; without it the module is only frozen, and meta says why)"),
+)
+EXTRA_FILE = "graphopt.json"          # inside the archive: extra/graphopt.json
+NO_XNNPACK = "skipped: this torch build has no XNNPACK"
+_WRITER_RECORDS = ("version", ".data/version", ".data/serialization_id")   # the writer adds its own
+
+
+def _flat_module(graph: graphopt.Graph) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """A copy of ``graph.module`` that returns its output tensors as one flat tuple in
+    ``graph.run`` order (a lone tensor stays bare), whatever tuples and dicts the model
+    returns, and those outputs for the example inputs."""
+    gm = graph.module
+    with torch.no_grad():
+        values, _ = tree_flatten(gm(*graph.example_inputs))
+    flat = fx.Graph()
+    nodes, _ = tree_flatten(flat.graph_copy(gm.graph, {}))
+    kept = [(n, v) for n, v in zip(nodes, values) if isinstance(v, torch.Tensor)]
+    flat.output(kept[0][0] if len(kept) == 1 else tuple(n for n, _ in kept))
+    return fx.GraphModule(gm, flat, type(gm).__name__), [v for _, v in kept]
+
+
+def _torchscript(gm: fx.GraphModule, inputs: Sequence[torch.Tensor], name: str) -> tuple[Any, dict]:
+    """Trace ``gm``: fx graphs are straight-line code, so the trace is faithful unless the
+    tracer warns that it turned a tensor into a Python value (``.item()``, ``.tolist()``...)
+    and froze it as a constant. Then, or when tracing fails, script ``gm`` instead."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            traced = torch.jit.trace(gm, tuple(inputs), check_trace=False, _store_inputs=False)
+            why = next((f"the tracer warned: {first_line(w.message).split('. ')[0]}" for w in caught
+                        if issubclass(w.category, torch.jit.TracerWarning)), None)
+        except Exception as exc:
+            why = f"tracing failed: {first_line(exc)}"
+    if why is None:
+        return traced, {"torchscript": "traced"}
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return torch.jit.script(gm), {"torchscript": "scripted", "scripted_because": why}
+    except Exception as exc:
+        raise EmitError(f"cannot make TorchScript of {name}: {why}; and torch.jit.script failed: "
+                        f"{first_line(exc)}; keep values as tensors (no .item(), .tolist() or numpy) "
+                        f"so that a trace can follow them") from exc
+
+
+def _has_xnnpack() -> bool:
+    import torch.backends.xnnpack
+    return bool(torch.backends.xnnpack.enabled)
+
+
+def _optimize(module: Any, wanted: bool, name: str) -> tuple[Any, str]:
+    """``optimize_for_mobile`` when wanted and this torch build can run it, else only
+    ``torch.jit.freeze`` (its first step); and what happened, for ``meta``."""
+    from torch.utils import mobile_optimizer
+
+    module, status = module.eval(), "off"
+    if wanted and not _has_xnnpack():
+        status = NO_XNNPACK
+    elif wanted:
+        try:
+            return mobile_optimizer.optimize_for_mobile(module), "applied"
+        except Exception as exc:
+            status = f"skipped: {first_line(exc)}"
+    try:
+        return torch.jit.freeze(module), status
+    except Exception as exc:
+        raise EmitError(f"torch.jit.freeze of the TorchScript of {name} failed: {first_line(exc)}") from exc
+
+
+@contextlib.contextmanager
+def _own_type_names() -> Iterator[None]:
+    """Compile into a fresh TorchScript compilation unit and type cache, so the class names
+    in the archive do not depend on what this process compiled before (torch renames a
+    repeated class ``___torch_mangle_N``)."""
+    from torch.jit import _recursive, _state
+
+    saved = _state._python_cu, _recursive.concrete_type_store
+    _state._python_cu, _recursive.concrete_type_store = torch._C.CompilationUnit(), _recursive.ConcreteTypeStore()
+    try:
+        yield
+    finally:
+        _state._python_cu, _recursive.concrete_type_store = saved
+
+
+def _serialize(module: Any, extra: dict[str, str]) -> bytes:
+    """The .ptl bytes without the archive's ``*.debug_pkl`` records: source ranges naming this
+    machine's paths and per-process counters, which the lite interpreter never reads."""
+    saved = io.BytesIO(module._save_to_buffer_for_lite_interpreter(_extra_files=extra))
+    reader, out = torch._C.PyTorchFileReader(saved), io.BytesIO()
+    writer = torch._C.PyTorchFileWriter(out)
+    for record in reader.get_all_records():
+        if not record.endswith(".debug_pkl") and record not in _WRITER_RECORDS:
+            data = reader.get_record(record)
+            writer.write_record(record, data, len(data))
+    writer.set_min_version(int(reader.get_record("version")))
+    writer.write_end_of_file()
+    return out.getvalue()
+
+
+def _specs(tensors: Sequence[torch.Tensor]) -> list[dict]:
+    return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in tensors]
+
+
+def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
+    """Write ``graph`` to ``out_dir/<name>.ptl`` for the lite interpreter, frozen, with
+    graphopt's version, pipeline and input specs in ``extra/graphopt.json``."""
+    from torch.jit.mobile import _export_operator_list, _get_model_bytecode_version, _load_for_lite_interpreter
+
+    opts = {o.name: o.default for o in OPTIONS} | dict(options)
+    gm, outputs = _flat_module(graph)
+    inputs = graph.input_specs()
+    extra = {EXTRA_FILE: json.dumps({"version": graphopt.__version__,
+                                     "pipeline": str(graph.meta.get("pipeline", "")), "inputs": inputs})}
+    with warnings.catch_warnings(), _own_type_names():
+        warnings.simplefilter("ignore")
+        module, meta = _torchscript(gm, graph.example_inputs, graph.name)
+        module, meta["optimize_for_mobile"] = _optimize(module, opts["optimize_for_mobile"], graph.name)
+        try:
+            data = _serialize(module, extra)
+            lite = _load_for_lite_interpreter(io.BytesIO(data))
+        except Exception as exc:
+            raise EmitError(f"saving {graph.name} for the lite interpreter failed: {first_line(exc)}") from exc
+    target = Path(out_dir) / f"{graph.name}.ptl"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, data)
+    meta.update(bytecode_version=_get_model_bytecode_version(io.BytesIO(data)),
+                ops=sorted(_export_operator_list(lite)), inputs=inputs, outputs=_specs(outputs))
+    return Artifact("ptl", target, meta)
+
+
+def _recorded_inputs(path: Path) -> list[dict] | None:
+    """The input specs graphopt recorded in the archive (None for a .ptl from elsewhere)."""
+    reader = torch._C.PyTorchFileReader(str(path))
+    if not reader.has_record(f"extra/{EXTRA_FILE}"):
+        return None
+    return json.loads(reader.get_record(f"extra/{EXTRA_FILE}"))["inputs"]
+
+
+def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
+    """A runner on the lite interpreter; ``threads`` sets torch's intra-op threads for each
+    call (None: torch's setting), restored afterwards."""
+    from torch.jit.mobile import _load_for_lite_interpreter
+
+    name = artifact.path.name
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            module = _load_for_lite_interpreter(str(artifact.path))
+        specs = _recorded_inputs(artifact.path)
+    except Exception as exc:
+        raise EmitError(f"the lite interpreter cannot load {artifact.path}: {first_line(exc)}") from exc
+
+    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        if specs is not None:
+            if len(inputs) != len(specs):
+                raise EmitError(f"{name} takes {len(specs)} inputs, got {len(inputs)}")
+            inputs = [t.to(getattr(torch, s["dtype"])) for t, s in zip(inputs, specs)]
+        before = torch.get_num_threads()
+        try:
+            if threads is not None:
+                torch.set_num_threads(threads)
+            with torch.no_grad():
+                return flatten_outputs(module(*inputs))
+        except Exception as exc:
+            raise EmitError(f"the lite interpreter failed to run {name}: {first_line(exc)}") from exc
+        finally:
+            if threads is not None:
+                torch.set_num_threads(before)
+
+    return run
+
+
+@graphopt.hookimpl
+def graphopt_register_emitters() -> list[Emitter]:
+    return [Emitter(
+        format="ptl",
+        description="TorchScript-Lite via torch.jit.trace (or script), frozen, run by the lite interpreter",
+        suffix=".ptl", emit=emit, load=load, options=OPTIONS,
+        tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999))]
