@@ -128,10 +128,12 @@ def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
     fig, axes = plt.subplots(1, 2 if with_acc else 1, figsize=(11 if with_acc else 6, 4.5), squeeze=False)
     sized = [r for r in rows if r.bytes]
     ax = axes[0][0]
-    for r in sized:
+    for r in sized:   # hollow markers: baselines; legend rather than labels (equal sizes overlap)
         ax.errorbar(r.bytes / 2**20, r.median_ms, yerr=[[r.median_ms - r.p10_ms], [r.p90_ms - r.median_ms]],
-                    fmt="o", capsize=3)
-        ax.annotate(r.label, (r.bytes / 2**20, r.median_ms), textcoords="offset points", xytext=(5, 5), fontsize=8)
+                    fmt="o" if "unoptimized" not in r.label else "s", capsize=3, label=r.label,
+                    mfc="none" if "unoptimized" in r.label else None)
+    if sized:
+        ax.legend(fontsize=7, loc="lower right")
     ax.set_xlabel("size on disk (MiB)")
     ax.set_ylabel(f"latency, median ms ({rows[0].threads} thread(s), p10-p90 bars)")
     ax.set_xlim(left=0, right=max((r.bytes for r in sized), default=1) / 2**20 * 1.35)
@@ -141,9 +143,8 @@ def plot(rows: Sequence[BenchRow], path: Path, title: str) -> None:
         ax = axes[0][1]
         for r in rows:
             if r.accuracy is not None:
-                ax.plot(r.median_ms, r.accuracy * 100, "o")
-                ax.annotate(r.label, (r.median_ms, r.accuracy * 100), textcoords="offset points",
-                            xytext=(5, 5), fontsize=8)
+                ax.plot(r.median_ms, r.accuracy * 100, "o", label=r.label)
+        ax.legend(fontsize=7, loc="lower right")
         ax.set_xlim(left=0)
         ax.set_xlabel("latency, median ms")
         ax.set_ylabel("top-1 accuracy (%)")
