@@ -11,7 +11,8 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .errors import CaptureError, first_line
-from .graph import Graph, annotate
+from .graph import Graph, annotate, flatten_outputs
+from .metrics import compare
 
 _TORCH_DIR = os.path.dirname(torch.__file__)
 _OWN_DIR = os.path.dirname(__file__)
@@ -85,7 +86,7 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     shapes = ", ".join("x".join(map(str, t.shape)) for t in inputs)
     try:
         with torch.no_grad():
-            model(*inputs)
+            eager = flatten_outputs(model(*inputs))
     except Exception as exc:  # the model itself rejects these inputs
         raise CaptureError(f"{type(model).__name__} fails on inputs of shape {shapes}: {first_line(exc)}; "
                            f"check --input-shape") from exc
@@ -97,8 +98,13 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
     gm = fx.GraphModule(tracer.root, graph, name or type(model).__name__)
     gm.eval()
     try:
-        annotate(gm, inputs)
+        traced = annotate(gm, inputs)
     except Exception as exc:
         raise CaptureError(f"the traced graph of {type(model).__name__} fails on inputs of shape "
                            f"{shapes}: {exc}; mark the submodule involved as a leaf module") from exc
+    if compare(eager, traced).max_rel > 1e-6:
+        random = [n.name for n in gm.graph.nodes if "dropout" in str(n.target) or "rand" in str(n.target)]
+        hint = f" (random ops: {', '.join(random)}, e.g. F.dropout defaults to training=True)" if random else ""
+        raise CaptureError(f"{type(model).__name__} gives different outputs on the same inputs in eval "
+                           f"mode{hint}; passes cannot be verified against a random reference")
     return Graph(gm, inputs, name or type(model).__name__)

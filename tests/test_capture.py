@@ -99,3 +99,11 @@ def test_multiple_inputs_and_dict_outputs():
     outs = graph.run()
     assert [o.tolist() for o in outs] == [[4.0, 4.0], [3.0, 3.0], [-2.0, -2.0]]
     assert graph.input_names == ["a", "b"]
+
+
+def test_a_random_model_is_refused_with_the_reason():
+    class Noisy(nn.Module):
+        def forward(self, x):
+            return nn.functional.dropout(x, 0.5)   # training=True by default: random in eval too
+    with pytest.raises(CaptureError, match=r"different outputs on the same inputs.*random ops: dropout"):
+        graphopt.capture(Noisy(), torch.ones(64))
