@@ -141,8 +141,10 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path, refer
                 artifact = emit_one(graph, emitter, options, stage, registry)
                 if progress:
                     progress(f"verifying {emitter.format} in its runtime")
+                # judged by the precision the emitter wrote (an fp16 graph gives an fp16 file), else asked for
+                precision = artifact.meta.get("precision", options.get("precision", "fp32"))
                 checks.append(check_artifact(emitter, artifact, graph.example_inputs, expected, reference,
-                                             emitter.tolerance_for(options)))
+                                             emitter.tolerance_for({**options, "precision": precision})))
             names = [c.artifact.path.name for c in checks]
             if len(set(names)) != len(names):
                 raise UsageError(f"two requested artifacts share a file name ({', '.join(names)}); "

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import Effect, Pass, PassContext, PassResult
+from graphopt_plugins.fxutil import delete_unread_attributes, describe, has_effect
 
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                       F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,
@@ -37,33 +38,7 @@ def _why_kept(gm: fx.GraphModule, node: fx.Node) -> str | None:
 
 
 def _label(gm: fx.GraphModule, node: fx.Node) -> str:
-    if node.op == "call_module":
-        return f"{node.name} ({type(gm.get_submodule(node.target)).__name__})"
-    return f"{node.name} ({node.op} {getattr(node.target, '__name__', node.target)})"
-
-
-def _has_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
-    """True when ``node`` must stay even if unused: impure per fx, or it writes in place."""
-    if node.is_impure():
-        return True
-    if node.op == "call_module":
-        return getattr(gm.get_submodule(node.target), "inplace", False) is True
-    name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
-    if name.endswith("_") and not name.endswith("__"):
-        return True
-    if node.op != "call_function":
-        return False
-    args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
-    return args is not None and args.kwargs.get("inplace") is True
-
-
-def _delete_unread_attributes(gm: fx.GraphModule, targets: list[str]) -> None:
-    """Delete the attributes removed get_attr nodes read (parameters, buffers) that no node uses now."""
-    used = [n.target for n in gm.graph.nodes if n.op in ("get_attr", "call_module")]
-    for target in dict.fromkeys(targets):
-        if not any(u == target or u.startswith(f"{target}.") or target.startswith(f"{u}.") for u in used):
-            owner, _, name = target.rpartition(".")
-            delattr(gm.get_submodule(owner), name)
+    return f"{node.name} ({describe(gm, node)})"
 
 
 def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
@@ -82,13 +57,13 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats[kind] += 1
     read: list[str] = []
     for node in reversed(gm.graph.nodes):
-        if not node.users and not _has_effect(gm, node):
+        if not node.users and not has_effect(gm, node):
             ctx.explain(f"{_label(gm, node)}: removed, its result is unused")
             if node.op == "get_attr":
                 read.append(node.target)
             gm.graph.erase_node(node)
             stats["dead"] += 1
-    _delete_unread_attributes(gm, read)
+    delete_unread_attributes(gm, read)
     gm.delete_all_unused_submodules()
     gm.recompile()
     return PassResult(gm, any(stats.values()), stats)

@@ -1,4 +1,4 @@
-"""ONNX emitter: Graph -> torch.onnx.export (TorchScript or dynamo) -> onnxsim -> .onnx, run by onnxruntime."""
+"""ONNX emitter: Graph -> torch.onnx.export (TorchScript or dynamo) -> onnxsim -> .onnx (fp16 graphs keep fp16 weights), run by onnxruntime."""
 from __future__ import annotations
 
 import io
@@ -29,6 +29,14 @@ def _other(exporter: str) -> str:
     return "torchscript" if exporter == "dynamo" else "dynamo"
 
 
+def _declared_inputs(graph: graphopt.Graph) -> tuple[torch.Tensor, ...]:
+    """The example inputs in the dtypes the graph declares: fp16 where the fp16 pass
+    (keep_io_types=false) recorded ``graphopt.precision`` fp16 on the placeholder."""
+    nodes = [n for n in graph.module.graph.nodes if n.op == "placeholder"]
+    return tuple(t.half() if n.meta.get("graphopt.precision") == "fp16" else t
+                 for n, t in zip(nodes, graph.example_inputs))
+
+
 def _export(graph: graphopt.Graph, opts: dict, output_names: list[str]) -> Any:
     """The exported ``onnx.ModelProto``; an export failure is an EmitError."""
     import onnx
@@ -37,14 +45,14 @@ def _export(graph: graphopt.Graph, opts: dict, output_names: list[str]) -> Any:
     dynamic = {n: {0: "batch"} for n in names + output_names} if opts["dynamic_batch"] else None
     common = dict(input_names=names, output_names=output_names, opset_version=opts["opset"],
                   dynamic_axes=dynamic)
+    inputs = _declared_inputs(graph)
     try:
         with captured_output():
             if opts["exporter"] == "dynamo":
-                program = torch.onnx.export(graph.module, graph.example_inputs, dynamo=True,
-                                            verbose=False, **common)
+                program = torch.onnx.export(graph.module, inputs, dynamo=True, verbose=False, **common)
                 return program.model_proto
             buf = io.BytesIO()
-            torch.onnx.export(graph.module, graph.example_inputs, buf, dynamo=False, **common)
+            torch.onnx.export(graph.module, inputs, buf, dynamo=False, **common)
             return onnx.load_model_from_string(buf.getvalue())
     except Exception as exc:
         raise EmitError(f"ONNX export of {graph.name} with the {opts['exporter']} exporter "
@@ -62,6 +70,32 @@ def _simplify(model: Any) -> tuple[Any, str | None]:
     except Exception as exc:
         return model, first_line(exc)
     return (simplified, None) if ok else (model, "onnxsim's check of the simplified model failed")
+
+
+def _half_storage(model: Any) -> int:
+    """Store the float32 initializers that fp16 holds exactly (more than one value) as float16,
+    each read through a Cast to float32, and return how many. For an fp16 graph: the exporters
+    and onnxsim fold fp16 weights upcast at use (``fp16(mode=weights)``) into float32
+    initializers; this gives the file its fp16 weights back, computing as before."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    casts = []
+    for init in model.graph.initializer:
+        if init.data_type != TensorProto.FLOAT:
+            continue
+        array = numpy_helper.to_array(init)
+        half = array.astype(np.float16)
+        if array.size < 2 or not np.array_equal(half.astype(np.float32), array):
+            continue
+        name = init.name
+        init.CopyFrom(numpy_helper.from_array(half, f"{name}_fp16"))
+        casts.append(helper.make_node("Cast", [f"{name}_fp16"], [name], name=f"{name}_upcast",
+                                      to=TensorProto.FLOAT))
+    nodes = [*casts, *model.graph.node]
+    del model.graph.node[:]
+    model.graph.node.extend(nodes)
+    return len(casts)
 
 
 def _values(infos: Sequence[Any]) -> list[dict]:
@@ -105,6 +139,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         meta["simplified"] = why is None
         if why:
             meta["simplify_error"] = why
+    if any(t.dtype == torch.float16 for t in graph.module.state_dict().values()):   # an fp16 graph
+        meta.update(precision="fp16", upcast_initializers=_half_storage(model))
     _stamp(model, graph)
     try:
         onnx.checker.check_model(model)

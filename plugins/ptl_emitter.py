@@ -24,6 +24,7 @@ OPTIONS = (
 )
 EXTRA_FILE = "graphopt.json"          # inside the archive: extra/graphopt.json
 NO_XNNPACK = "skipped: this torch build has no XNNPACK"
+FP16_KEPT = "skipped: it would fold the fp16 weights' upcasts into fp32 constants"
 _WRITER_RECORDS = ("version", ".data/version", ".data/serialization_id")   # the writer adds its own
 
 
@@ -70,21 +71,25 @@ def _has_xnnpack() -> bool:
     return bool(torch.backends.xnnpack.enabled)
 
 
-def _optimize(module: Any, wanted: bool, name: str) -> tuple[Any, str]:
+def _optimize(module: Any, wanted: bool, name: str, keep: list[str]) -> tuple[Any, str]:
     """``optimize_for_mobile`` when wanted and this torch build can run it, else only
-    ``torch.jit.freeze`` (its first step); and what happened, for ``meta``."""
+    ``torch.jit.freeze`` (its first step); and what happened, for ``meta``. The attributes in
+    ``keep`` (fp16 tensors read through get_attr) stay attributes: freezing would fold their
+    upcasts to fp32 into fp32 constants, and optimize_for_mobile, which freezes all, is skipped."""
     from torch.utils import mobile_optimizer
 
     module, status = module.eval(), "off"
     if wanted and not _has_xnnpack():
         status = NO_XNNPACK
+    elif wanted and keep:
+        status = FP16_KEPT
     elif wanted:
         try:
             return mobile_optimizer.optimize_for_mobile(module), "applied"
         except Exception as exc:
             status = f"skipped: {first_line(exc)}"
     try:
-        return torch.jit.freeze(module), status
+        return torch.jit.freeze(module, preserved_attrs=keep), status
     except Exception as exc:
         raise EmitError(f"torch.jit.freeze of the TorchScript of {name} failed: {first_line(exc)}") from exc
 
@@ -123,6 +128,20 @@ def _specs(tensors: Sequence[torch.Tensor]) -> list[dict]:
     return [{"shape": list(t.shape), "dtype": str(t.dtype).replace("torch.", "")} for t in tensors]
 
 
+def _fp16(gm: fx.GraphModule) -> tuple[dict, list[str]]:
+    """For a graph holding fp16 tensors: its ``meta`` (the lite interpreter runs half conv2d and
+    linear on CPU, so the graph is saved as it is: half activations too, or fp16 weights upcast
+    at use after ``fp16(mode=weights)``) and the fp16 attributes read through get_attr."""
+    state = gm.state_dict()
+    if not any(t.dtype == torch.float16 for t in state.values()):
+        return {}, []
+    reads = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
+    half = any(n.meta.get("graphopt.dtype") == "float16" for n in gm.graph.nodes
+               if n.op in ("call_module", "call_function", "call_method"))
+    return ({"precision": "fp16", "fp16": "weights and activations" if half else "weights"},
+            sorted(k for k, t in state.items() if t.dtype == torch.float16 and k in reads))
+
+
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Write ``graph`` to ``out_dir/<name>.ptl`` for the lite interpreter, frozen, with
     graphopt's version, pipeline and input specs in ``extra/graphopt.json``."""
@@ -133,10 +152,11 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     inputs = graph.input_specs()
     extra = {EXTRA_FILE: json.dumps({"version": graphopt.__version__,
                                      "pipeline": str(graph.meta.get("pipeline", "")), "inputs": inputs})}
+    fp16, keep = _fp16(gm)
     with warnings.catch_warnings(), _own_type_names():
         warnings.simplefilter("ignore")
         module, meta = _torchscript(gm, graph.example_inputs, graph.name)
-        module, meta["optimize_for_mobile"] = _optimize(module, opts["optimize_for_mobile"], graph.name)
+        module, meta["optimize_for_mobile"] = _optimize(module, opts["optimize_for_mobile"], graph.name, keep)
         try:
             data = _serialize(module, extra)
             lite = _load_for_lite_interpreter(io.BytesIO(data))
@@ -146,7 +166,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, data)
     meta.update(bytecode_version=_get_model_bytecode_version(io.BytesIO(data)),
-                ops=sorted(_export_operator_list(lite)), inputs=inputs, outputs=_specs(outputs))
+                ops=sorted(_export_operator_list(lite)), inputs=inputs, outputs=_specs(outputs), **fp16)
     return Artifact("ptl", target, meta)
 
 

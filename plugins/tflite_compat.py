@@ -3,23 +3,16 @@ matmul/softmax; unbind => select; flatten(2) -> transpose(1, 2) => permute -> re
 x or repeat; x op number => x op constant tensor. Run by the tflite emitter's prepare."""
 from __future__ import annotations
 
-import torch.fx as fx
-
 import graphopt
-from graphopt import Effect, Pass, PassContext, PassResult
+from graphopt import Effect, Pass
 from graphopt_plugins import (tflite_compat_attention, tflite_compat_gelu, tflite_compat_layout,
                               tflite_compat_scalars)
-from graphopt_plugins.tflite_compat_rewrite import apply
+from graphopt_plugins.tflite_compat_rewrite import rewrite_pass
 
 REWRITES = [*tflite_compat_attention.REWRITES, *tflite_compat_gelu.REWRITES, *tflite_compat_layout.REWRITES,
             *tflite_compat_scalars.REWRITES]
 
-
-def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
-    stats = apply(gm, ctx, REWRITES)
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    return PassResult(gm, any(v for k, v in stats.items() if k != "rejected"), stats)
+run = rewrite_pass(REWRITES)
 
 
 @graphopt.hookimpl

@@ -1,5 +1,5 @@
-"""How tflite-compat rewrites: a Rewrite is pattern + check + replacement; replacements are
-written as torch code on fx Proxies (Builder), with constants as 0-d buffers."""
+"""How tflite-compat (and the fuse family) rewrite: a Rewrite is pattern + check + replacement;
+replacements are written as torch code on fx Proxies (Builder), with constants as 0-d buffers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -10,7 +10,7 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.fx.proxy import GraphAppendingTracer
 
-from graphopt import PassContext
+from graphopt import PassContext, PassResult
 from graphopt.graph import annotate
 
 CONSTANTS = "tflite_compat_constants"   # submodule holding the constants replacements read
@@ -109,3 +109,14 @@ def apply(gm: fx.GraphModule, ctx: PassContext, rewrites: Sequence[Rewrite]) -> 
             stats[rewrite.name] += 1
             changed = True
     return stats
+
+
+def rewrite_pass(rewrites: Sequence[Rewrite]) -> Callable[[fx.GraphModule, PassContext], PassResult]:
+    """The ``run`` of a pass that applies ``rewrites``: modified when one applied; submodules
+    nothing calls any more are deleted."""
+    def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
+        stats = apply(gm, ctx, rewrites)
+        gm.delete_all_unused_submodules()
+        gm.recompile()
+        return PassResult(gm, any(v for k, v in stats.items() if k != "rejected"), stats)
+    return run

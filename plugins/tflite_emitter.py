@@ -1,6 +1,7 @@
-"""TFLite emitter: Graph -> .onnx (onnx emitter) -> onnx2tf -> TFLite builtin ops only -> .tflite, run by LiteRT."""
+"""TFLite emitter: Graph (fp16 graphs upcast) -> .onnx (onnx emitter) -> onnx2tf -> TFLite builtin ops only -> .tflite, run by LiteRT."""
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -234,6 +235,25 @@ def _specs(data: bytes, onnx_meta: dict, graph: graphopt.Graph, keep_nchw: bool)
     return inputs, [_spec(v, details, f[0]) for v, f in zip(onnx_meta["outputs"], fits)]
 
 
+def _fp32_copy(graph: graphopt.Graph) -> graphopt.Graph | None:
+    """For a graph holding fp16 tensors (after the fp16 pass), the same graph computing in fp32:
+    fp16 tensors upcast, casts to fp16 dropped, inputs fp32 (``graphopt.precision`` cleared).
+    TFLite's float16 conversion then stores its weights in half again. None for a graph
+    without fp16 tensors."""
+    if not any(t.dtype == torch.float16 for t in graph.module.state_dict().values()):
+        return None
+    gm = copy.deepcopy(graph.module)
+    gm._apply(lambda t: t.float() if t.dtype == torch.float16 else t)
+    for node in list(gm.graph.nodes):
+        node.meta.pop("graphopt.precision", None)
+        if node.op == "call_method" and (node.target == "half" or (
+                node.target == "to" and torch.float16 in (*node.args[1:], *node.kwargs.values()))):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    return graph.replace(gm)
+
+
 def _onnx_emitter() -> Any:
     try:
         import graphopt_plugins.onnx_emitter as onnx_emitter
@@ -244,8 +264,12 @@ def _onnx_emitter() -> Any:
 
 
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
-    """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16)."""
+    """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16, which an
+    fp16 graph always gets)."""
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
+    upcast = _fp32_copy(graph)
+    if upcast is not None:
+        graph, opts["precision"] = upcast, "fp16"
     onnx_emitter = _onnx_emitter()
     try:
         with captured_output():
@@ -284,6 +308,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     meta = {"precision": opts["precision"], "onnx_opset": onnx_meta["opset"],
             "converter": f"onnx2tf {onnx2tf.__version__}, TensorFlow {tensorflow.__version__}",
             "op_types": dict(sorted(ops.items())), "inputs": inputs, "outputs": outputs}
+    if upcast is not None:
+        meta["fp16"] = "weights: the fp16 graph upcast to fp32, converted with TFLite float16 weights"
     return Artifact("tflite", target, meta)
 
 

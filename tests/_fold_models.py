@@ -1,5 +1,5 @@
-"""Helpers shared by the pass tests: BN with non-trivial statistics, and capture -> pipeline
--> compare with the eager model."""
+"""Helpers shared by the pass tests: BN with non-trivial statistics, capture -> pipeline
+-> compare with the eager model, and a conv whose output feeds a BN and something else."""
 from __future__ import annotations
 
 import torch
@@ -35,3 +35,15 @@ def optimize(model: nn.Module, inputs: tuple[torch.Tensor, ...], pipeline: str,
 def module_types(gm: torch.fx.GraphModule) -> list[str]:
     """Type names of the modules the graph calls, in graph order."""
     return [type(gm.get_submodule(n.target)).__name__ for n in gm.graph.nodes if n.op == "call_module"]
+
+
+class Residual(nn.Module):
+    """``bn(conv(x)) + conv(x)`` with one conv call: the conv output has a second user."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.bn(y) + y

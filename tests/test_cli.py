@@ -41,7 +41,7 @@ def _unchanged(out):
     (["run", MODEL, "--input-shape", "1x3x32"], "fails on inputs of shape 1x3x32"),
     (["run", MODEL, "--input-shape", "1by3"], "bad input shape '1by3'"),
     (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup,,fold-bn"], "bad pipeline"),
-    (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "fold-nb"], "did you mean fold-bn?"),
+    (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "fold-nb"], "did you mean fold-bn"),
     (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "fold-bn(x=1)"], "valid options: none"),
     (["run", MODEL, "--input-shape", SHAPE, "--emit", "onnx,coreml"], "unknown format 'coreml'"),
     (["run", MODEL, "--input-shape", SHAPE, "--weights", "nope.pt"], "weights file nope.pt does not exist"),

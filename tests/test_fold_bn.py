@@ -9,7 +9,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import graphopt
-from _fold_models import module_types, optimize, randomize_bn
+from _fold_models import Residual, module_types, optimize, randomize_bn
 from models import ZOO
 
 
@@ -82,18 +82,6 @@ def test_nested_chains_and_counts(registry):
     assert run.records[0].stats == {"folded": 3, "rejected": 1}
     assert "_2 -> _3: not folded, _2 (ReLU) is not a Conv, ConvTranspose or Linear module" \
         in run.records[0].explanations
-
-
-class Residual(nn.Module):
-    """``bn(conv(x)) + conv(x)`` with one conv call: the conv output has a second user."""
-
-    def __init__(self):
-        super().__init__()
-        self.conv, self.bn = nn.Conv2d(3, 3, 3, padding=1), nn.BatchNorm2d(3)
-
-    def forward(self, x):
-        y = self.conv(x)
-        return self.bn(y) + y
 
 
 class SharedConv(Residual):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 import graphopt
+from _half_models import HalfCompute, HalfStorage
 from graphopt_plugins import onnx_emitter
 
 TOLERANCE = onnx_emitter.graphopt_register_emitters()[0].tolerance
@@ -202,3 +203,31 @@ def test_runner_casts_inputs_to_the_model_dtype(tmp_path):
     assert [i["dtype"] for i in artifact.meta["inputs"]] == ["float16", "float16"]
     outputs = onnx_emitter.load(artifact)([torch.randn(2, 6), torch.randn(2, 3)])
     assert outputs[0].dtype == torch.float16
+
+
+def test_fp16_weights_upcast_at_use_stay_fp16_in_the_file(tmp_path):
+    graph = _capture(HalfStorage, (1, 32, 8, 8), name="half_storage")
+    artifact = onnx_emitter.emit(graph, {}, tmp_path)
+    model = onnx.load(artifact.path)
+    # the exporter folds weight.to(float32) into float32 initializers; the emitter stores them fp16 again
+    assert {i.data_type for i in model.graph.initializer} == {onnx.TensorProto.FLOAT16}
+    assert [n.op_type for n in model.graph.node] == ["Cast", "Cast", "Conv"]
+    assert artifact.meta["precision"] == "fp16" and artifact.meta["upcast_initializers"] == 2
+    fp32 = onnx_emitter.emit(graphopt.capture(HalfStorage().fp32(), graph.example_inputs), {}, tmp_path / "fp32")
+    assert artifact.bytes / fp32.bytes < 0.55
+    _assert_close(graph, artifact)   # fp32 compute on the same weights: the fp32 tolerance holds
+
+
+def test_half_compute_keeps_fp16_initializers_and_declared_fp16_inputs(tmp_path):
+    graph = _capture(HalfCompute, (1, 3, 8, 8), name="half_compute")
+    artifact = onnx_emitter.emit(graph, {}, tmp_path)
+    model = onnx.load(artifact.path)
+    assert {i.name: i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer if len(i.dims) > 1} \
+        == {"conv.weight": True, "fc.weight": True}
+    assert artifact.meta["precision"] == "fp16" and artifact.meta["inputs"][0]["dtype"] == "float32"
+    fp16 = graphopt.Effect.FP16.tolerance
+    assert not fp16.violations(graphopt.compare(graph.run(), onnx_emitter.load(artifact)(graph.example_inputs)))
+    next(iter(graph.module.graph.nodes)).meta["graphopt.precision"] = "fp16"   # as fp16(keep_io_types=false) does
+    artifact = onnx_emitter.emit(graph, {}, tmp_path / "io16")
+    assert artifact.meta["inputs"][0]["dtype"] == "float16"
+    assert not fp16.violations(graphopt.compare(graph.run(), onnx_emitter.load(artifact)(graph.example_inputs)))

@@ -148,3 +148,13 @@ def test_needs_are_checked_before_anything_runs(graph):
         graphopt.run_pipeline(graph, "noop,needs-calib", REG)
     run = graphopt.run_pipeline(graph, "needs-calib", REG, data={"calibration": [1]})
     assert run.records[0].verified
+
+
+def test_exact_pass_on_an_fp16_graph_is_judged_at_fp16_tolerance():
+    graph = graphopt.capture(Small(), torch.randn(2, 3, 8, 8))
+    graph.module.half()
+    graph = graphopt.Graph(graph.module, tuple(t.half() for t in graph.example_inputs))
+    run = graphopt.run_pipeline(graph, "perturb(eps=1e-4)", REG)    # 1e-4 > exact, < fp16
+    assert run.records[0].verified
+    with pytest.raises(PassError, match="exact tolerance"):
+        graphopt.run_pipeline(graph, "perturb(eps=0.05)", REG)

@@ -17,6 +17,7 @@ from torch import nn
 import graphopt
 import models
 from _fold_models import randomize_bn
+from _half_models import HalfCompute, HalfStorage
 from conftest import ROOT, TESTS
 from graphopt.cli import main
 from graphopt.testing import assert_close
@@ -256,3 +257,23 @@ def test_cli_emits_onnx_and_ptl_verified(tmp_path, capsys):
     assert artifacts["onnx"]["verified"] and artifacts["ptl"]["verified"]
     assert artifacts["ptl"]["meta"]["torchscript"] == "traced"
     assert artifacts["ptl"]["path"] == str(out / "tiny_resnet.ptl")
+
+
+def test_fp16_weights_upcast_at_use_stay_fp16_attributes(tmp_path, monkeypatch):
+    model = HalfStorage()
+    graph = _capture(lambda: model, (1, 32, 8, 8), name="half_storage")
+    artifact = ptl_emitter.emit(graph, {}, tmp_path)
+    meta = artifact.meta
+    assert meta["precision"] == "fp16" and meta["fp16"] == "weights"
+    fp32 = ptl_emitter.emit(graphopt.capture(model.fp32(), graph.example_inputs), {}, tmp_path / "fp32")
+    assert artifact.bytes / fp32.bytes < 0.6   # freezing would have folded the upcasts into fp32 constants
+    _assert_close(graph, artifact)
+    monkeypatch.setattr(ptl_emitter, "_has_xnnpack", lambda: True)   # optimize_for_mobile freezes everything
+    assert ptl_emitter.emit(graph, {}, tmp_path / "xnnpack").meta["optimize_for_mobile"] == ptl_emitter.FP16_KEPT
+
+
+def test_half_compute_runs_half_in_the_lite_interpreter(tmp_path):
+    graph = _capture(HalfCompute, (1, 3, 8, 8), name="half_compute")
+    artifact = ptl_emitter.emit(graph, {}, tmp_path)
+    assert artifact.meta["precision"] == "fp16" and artifact.meta["fp16"] == "weights and activations"
+    assert_close(graph.run(), ptl_emitter.load(artifact)(list(graph.example_inputs)), TOLERANCE)

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import graphopt
+from _half_models import HalfCompute, HalfStorage
 from graphopt.driver import emit_all, select_emitters
 from graphopt.emit import captured_output
 from graphopt_plugins import tflite_emitter
@@ -285,3 +286,26 @@ def test_the_driver_prepares_emits_and_verifies_both_precisions(registry, resnet
     assert sorted(p.name for p in tmp_path.iterdir()) == ["tiny_resnet.tflite", "tiny_resnet_fp16.tflite"]
     assert checks[0].artifact.meta["prepared"][0]["pass"] == "tflite-compat"
     assert checks[1].vs_graph.max_rel > checks[0].vs_graph.max_rel
+
+
+def test_an_fp16_graph_is_converted_from_its_fp32_copy():
+    graph = _capture(HalfCompute(), (1, 3, 8, 8), name="half")
+    next(iter(graph.module.graph.nodes)).meta["graphopt.precision"] = "fp16"   # as fp16(keep_io_types=false) does
+    copy = tflite_emitter._fp32_copy(graph)
+    gm = copy.module
+    assert {t.dtype for t in gm.state_dict().values()} == {torch.float32}
+    assert [(n.target, n.args[1]) for n in gm.graph.nodes if n.op == "call_method" and n.target == "to"] == [
+        ("to", torch.float32)]   # the casts to fp16 are gone; the one back is a no-op now
+    assert not [n for n in gm.graph.nodes if "graphopt.precision" in n.meta]   # inputs are fp32 again
+    assert graph.module.conv.weight.dtype == torch.float16   # a copy: the graph itself is untouched
+    assert not graphopt.Effect.FP16.tolerance.violations(graphopt.compare(graph.run(), copy.run()))
+    assert tflite_emitter._fp32_copy(copy) is None
+
+
+def test_an_fp16_graph_gives_fp16_weights(tmp_path):
+    graph = _capture(HalfStorage(), (1, 32, 8, 8), name="half")
+    artifact = tflite_emitter.emit(graph, {}, tmp_path)
+    assert artifact.path.name == "half_fp16.tflite"
+    assert artifact.meta["precision"] == "fp16" and artifact.meta["fp16"].startswith("weights: ")
+    assert "DEQUANTIZE" in artifact.meta["op_types"]
+    _assert_close(graph, artifact)
