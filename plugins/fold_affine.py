@@ -11,7 +11,7 @@ import graphopt
 from graphopt import Effect, Pass
 from graphopt_plugins.fxutil import arithmetic, erase_if_unused
 from graphopt_plugins.layers import LAYERS, channel_dim, channels, why_not_absorbed, with_affine
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, rewrite_pass, shape
+from graphopt_plugins.rewrite import Builder, Rewrite, rewrite_pass, shape
 
 
 def _is_layer(gm: fx.GraphModule, value) -> bool:

@@ -15,7 +15,7 @@ from graphopt import Effect, Pass
 from graphopt_plugins.fused_modules import FUSED, AddReLU, fused_layer
 from graphopt_plugins.fxutil import describe, free_name, other_uses
 from graphopt_plugins.layers import plain_base, why_not_absorbed
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, argument, calls, rewrite_pass
+from graphopt_plugins.rewrite import Builder, Rewrite, argument, calls, rewrite_pass
 
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
               F.hardtanh: "hardtanh", F.hardswish: "hardswish"}

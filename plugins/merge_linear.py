@@ -13,7 +13,7 @@ import graphopt
 from graphopt import Effect, Pass
 from graphopt_plugins.fxutil import other_uses
 from graphopt_plugins.layers import plain_base, why_not_absorbed
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, rewrite_pass, shape
+from graphopt_plugins.rewrite import Builder, Rewrite, rewrite_pass, shape
 
 
 def _is_linear(gm: fx.GraphModule, value) -> bool:

@@ -9,7 +9,7 @@ import graphopt
 from graphopt import Effect, Pass, PassContext, PassResult
 from graphopt_plugins import simplify_layout, simplify_noops
 from graphopt_plugins.simplify_constants import fold_constants
-from graphopt_plugins.tflite_compat_rewrite import rewrite_pass
+from graphopt_plugins.rewrite import rewrite_pass
 
 _rewrite = rewrite_pass([*simplify_noops.REWRITES, *simplify_layout.REWRITES])
 

@@ -6,7 +6,7 @@ import torch
 import torch.fx as fx
 
 from graphopt_plugins.fxutil import erase_if_unused
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, argument, calls, shape
+from graphopt_plugins.rewrite import Builder, Rewrite, argument, calls, shape
 
 _RESHAPES = ([torch.reshape], ["reshape", "view"])
 _RESHAPE_LIKE = ([torch.reshape, torch.flatten, torch.squeeze, torch.unsqueeze],

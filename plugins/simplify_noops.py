@@ -10,7 +10,7 @@ import torch.fx as fx
 
 from graphopt.graph import annotate
 from graphopt_plugins.fxutil import arithmetic, erase_if_unused, writes_in_place
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, calls, shape
+from graphopt_plugins.rewrite import Builder, Rewrite, calls, shape
 
 _IDENTITY = {"*": (1, "either"), "/": (1, "right"), "+": (0, "either"), "-": (0, "right")}
 _CASTS = ["to", "type", "float", "double", "half", "int", "long"]

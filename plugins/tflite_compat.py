@@ -7,7 +7,7 @@ import graphopt
 from graphopt import Effect, Pass
 from graphopt_plugins import (tflite_compat_attention, tflite_compat_gelu, tflite_compat_layout,
                               tflite_compat_scalars)
-from graphopt_plugins.tflite_compat_rewrite import rewrite_pass
+from graphopt_plugins.rewrite import rewrite_pass
 
 REWRITES = [*tflite_compat_attention.REWRITES, *tflite_compat_gelu.REWRITES, *tflite_compat_layout.REWRITES,
             *tflite_compat_scalars.REWRITES]

@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, calls, dtype, shape
+from graphopt_plugins.rewrite import Builder, Rewrite, calls, dtype, shape
 
 
 def attention(b: Builder, q: fx.Proxy, k: fx.Proxy, v: fx.Proxy, scale: float, like: fx.Node,

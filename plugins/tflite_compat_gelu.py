@@ -14,7 +14,7 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, argument, calls, never_rejects
+from graphopt_plugins.rewrite import Builder, Rewrite, argument, calls, never_rejects
 
 _P = 0.3275911
 _A = (0.254829592, -0.284496736, 1.421413741, -1.453152027, 1.061405429)

@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, argument, calls, never_rejects, shape
+from graphopt_plugins.rewrite import Builder, Rewrite, argument, calls, never_rejects, shape
 
 
 def _is_unbind(gm: fx.GraphModule, node: fx.Node) -> bool:

@@ -12,7 +12,7 @@ import operator
 import torch
 import torch.fx as fx
 
-from graphopt_plugins.tflite_compat_rewrite import Builder, Rewrite, calls, never_rejects
+from graphopt_plugins.rewrite import Builder, Rewrite, calls, never_rejects
 
 _OPS = {operator.add: "+", operator.sub: "-", operator.mul: "*", operator.truediv: "/",
         torch.add: "+", torch.sub: "-", torch.mul: "*", torch.div: "/"}

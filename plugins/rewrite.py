@@ -1,5 +1,6 @@
-"""How tflite-compat (and the fuse family) rewrite: a Rewrite is pattern + check + replacement;
-replacements are written as torch code on fx Proxies (Builder), with constants as 0-d buffers."""
+"""How graphopt's rewrite passes (tflite-compat, the fuse family) rewrite: a Rewrite is
+pattern + check + replacement; replacements are written as torch code on fx Proxies
+(Builder), with constants as 0-d buffers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
