@@ -119,7 +119,9 @@ def _serialize(module: Any, extra: dict[str, str]) -> bytes:
         if not record.endswith(".debug_pkl") and record not in _WRITER_RECORDS:
             data = reader.get_record(record)
             writer.write_record(record, data, len(data))
-    writer.set_min_version(int(reader.get_record("version")))
+    records = reader.get_all_records()
+    version = "version" if "version" in records else ".data/version"   # where torch put it this time
+    writer.set_min_version(int(reader.get_record(version)))
     writer.write_end_of_file()
     return out.getvalue()
 

@@ -19,6 +19,7 @@ import models
 from _fold_models import randomize_bn
 from _half_models import HalfCompute, HalfStorage
 from conftest import ROOT, TESTS
+from models_transformers import TRANSFORMER_ZOO
 from graphopt.cli import main
 from graphopt.testing import assert_close
 from graphopt_plugins import ptl_emitter
@@ -157,6 +158,15 @@ def test_zoo_models_match_the_graph(builder, tmp_path, registry):
     assert artifact.meta["torchscript"] == "traced"
     _assert_close(run.graph, artifact)
     _assert_close(run.graph, artifact, [torch.randn(1, 3, 32, 32) * 3])   # a trace is not tied to its input
+
+
+@pytest.mark.parametrize("builder", sorted(TRANSFORMER_ZOO))
+def test_transformer_models_reach_a_running_ptl(builder, tmp_path, registry):
+    """Scripted archives keep their version record elsewhere (.data/version): still saved."""
+    build, shape = TRANSFORMER_ZOO[builder]
+    run = graphopt.run_pipeline(_capture(build, shape, name=builder), "cleanup,fold-bn,fuse", registry)
+    artifact = ptl_emitter.emit(run.graph, {}, tmp_path)
+    _assert_close(run.graph, artifact)
 
 
 def test_two_inputs_in_placeholder_order_cast_to_the_model_dtype(tmp_path):
