@@ -209,12 +209,12 @@ def run_subjects(result, registry, stage: Path, eager: torch.nn.Module, threads:
 
     subjects = [Subject("eager (unoptimized)", "torch", eager_run),
                 Subject("fx graph (optimized)", "torch", result.graph.run, baseline="eager (unoptimized)")]
+    plain = result.original.clone()
+    plain.meta["pipeline"] = ""
+    sub = stage / "unoptimized"
+    sub.mkdir(exist_ok=True)
     for (emitter, options), check in zip(result.requests, result.artifacts):
         name = check.artifact.path.name
-        plain = result.original.clone()
-        plain.meta["pipeline"] = ""
-        sub = stage / "unoptimized"
-        sub.mkdir(exist_ok=True)
         base = emit_one(plain, emitter, options, sub, registry)
         label = f"{name} (unoptimized)"
         subjects.append(Subject(label, emitter.format, emitter.load(base, threads=threads), base.path,

@@ -8,6 +8,7 @@ from rich.table import Table
 from .cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
 from .console import Ui, artifacts_table, bench_table, passes_table
 from .errors import UsageError, first_line
+from .emit import Emitter
 from .plugins import Registry
 
 
@@ -119,24 +120,11 @@ def cmd_emitters(args, registry: Registry) -> int:
 
 
 def cmd_verify(args, registry: Registry) -> int:
-    from .golden import GoldenCase, Manifest
-    from .testing import outputs_of
     from .metrics import compare
-    if args.golden:
-        manifest = Manifest.load(Path(args.golden_dir))
-        entry = manifest.entry(args.golden)
-        case = GoldenCase.load(manifest.case_path(entry.name))
-        tolerances = entry.tolerances
-    else:
-        case, tolerances = GoldenCase.load(Path(args.reference)), {}
-    by_suffix = {e.suffix: e for e in registry.emitters.values()}
+    from .testing import outputs_of
+    case, tolerances = _reference_case(args)
     rows = []
-    for path in map(Path, args.artifacts):
-        if not path.is_file():
-            raise UsageError(f"artifact {path} does not exist")
-        emitter = by_suffix.get(path.suffix)
-        if emitter is None:
-            raise UsageError(f"no emitter reads {path.suffix} files; known: {', '.join(sorted(by_suffix))}")
+    for path, emitter in _artifact_files(args.artifacts, registry):
         try:
             outputs = outputs_of(emitter.artifact_for(path), list(case.inputs.values()))
             metrics = compare(case.outputs, outputs)
@@ -151,6 +139,31 @@ def cmd_verify(args, registry: Registry) -> int:
     else:
         Ui(args.quiet).print(artifacts_table(rows))
     return EXIT_OK if all(r["verified"] for r in rows) else EXIT_UNVERIFIED
+
+
+def _reference_case(args):
+    """The golden case named by ``--golden NAME`` (with its manifest tolerances) or given as
+    ``--reference CASE.npz`` (no tolerances: each emitter's own applies)."""
+    from .golden import GoldenCase, Manifest
+    if args.golden:
+        manifest = Manifest.load(Path(args.golden_dir))
+        entry = manifest.entry(args.golden)
+        return GoldenCase.load(manifest.case_path(entry.name)), entry.tolerances
+    return GoldenCase.load(Path(args.reference)), {}
+
+
+def _artifact_files(names: list[str], registry: Registry) -> list[tuple[Path, Emitter]]:
+    """Each artifact file with the emitter that reads it (by suffix); a missing file or an
+    unknown suffix is a UsageError."""
+    by_suffix = {e.suffix: e for e in registry.emitters.values()}
+    files = []
+    for path in map(Path, names):
+        if not path.is_file():
+            raise UsageError(f"artifact {path} does not exist")
+        if path.suffix not in by_suffix:
+            raise UsageError(f"no emitter reads {path.suffix} files; known: {', '.join(sorted(by_suffix))}")
+        files.append((path, by_suffix[path.suffix]))
+    return files
 
 
 def cmd_golden(args, registry: Registry) -> int:
@@ -234,33 +247,22 @@ def _bench_run(args, result, model, registry: Registry, ui: Ui) -> list:
 def cmd_bench(args, registry: Registry) -> int:
     from .bench import Subject, bench, load_eval, plot
     from .emit import write_json_atomic
-    from .golden import GoldenCase, Manifest
     from .modelspec import example_inputs, parse_shape
     ui = Ui(args.quiet, args.json)
     _check_timing(args)
-    by_suffix = {e.suffix: e for e in registry.emitters.values()}
-    paths = [Path(p) for p in args.artifacts]
-    for path in paths:
-        if not path.is_file():
-            raise UsageError(f"artifact {path} does not exist")
-        if path.suffix not in by_suffix:
-            raise UsageError(f"no emitter reads {path.suffix} files; known: {', '.join(sorted(by_suffix))}")
+    files = _artifact_files(args.artifacts, registry)
     for target in (args.plot, args.save):
         _check_report_path(target)
     if args.input_shape:
         inputs, reference = list(example_inputs([parse_shape(s) for s in args.input_shape])), None
         names = [f"input_{i}" for i in range(len(inputs))]
     else:
-        if args.golden:
-            manifest = Manifest.load(Path(args.golden_dir))
-            case = GoldenCase.load(manifest.case_path(manifest.entry(args.golden).name))
-        else:
-            case = GoldenCase.load(Path(args.reference))
+        case, _ = _reference_case(args)
         inputs, reference, names = list(case.inputs.values()), case.outputs, list(case.inputs)
     eval_data = load_eval(Path(args.eval), names) if args.eval else None
     subjects = []
-    for path in paths:
-        emitter = by_suffix[path.suffix]
+    first = files[0][0]
+    for path, emitter in files:
         try:
             runner = emitter.load(emitter.artifact_for(path), threads=args.threads)
             if reference is None:
@@ -268,7 +270,7 @@ def cmd_bench(args, registry: Registry) -> int:
         except Exception as exc:
             raise UsageError(f"{path} cannot run on these inputs: {first_line(exc)}") from exc
         subjects.append(Subject(path.name, emitter.format, runner, path, path.stat().st_size,
-                                baseline=paths[0].name if path != paths[0] else None))
+                                baseline=first.name if path != first else None))
     with ui.progress("benchmarking") as progress:
         rows = bench(subjects, inputs, reference=reference, threads=args.threads, runs=args.runs,
                      eval_data=eval_data, progress=progress)

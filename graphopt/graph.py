@@ -64,6 +64,12 @@ class Graph:
         return {"nodes": nodes, "params": params, "macs": macs, "bytes": nbytes}
 
 
+def holds_fp16(gm: nn.Module) -> bool:
+    """Whether any parameter or buffer is float16: the mark of a graph after the fp16 pass,
+    which emitters and verify-each read to judge it at fp16 tolerance."""
+    return any(t.dtype == torch.float16 for t in gm.state_dict().values())
+
+
 def _numel(shape: Sequence[int]) -> int:
     total = 1
     for s in shape:

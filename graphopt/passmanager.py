@@ -16,7 +16,7 @@ import torch
 import torch.fx as fx
 
 from .errors import PassError
-from .graph import Graph, annotate
+from .graph import Graph, annotate, holds_fp16
 from .metrics import Tolerance, compare
 from .passes import Effect, Pass, PassContext, PassResult
 from .pipeline import Pipeline, parse_pipeline, resolve
@@ -97,8 +97,7 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequ
 def _tolerance(spec: Pass, gm: fx.GraphModule) -> Tolerance:
     """The pass's tolerance; an exact rewrite of a graph already in fp16 (weights or buffers)
     is judged at fp16 tolerance, since fp16 rounding of a re-associated sum is not its fault."""
-    half = any(t.dtype == torch.float16 for t in gm.state_dict().values())
-    return Effect.FP16.tolerance if spec.effect is Effect.EXACT and half else spec.effect.tolerance
+    return Effect.FP16.tolerance if spec.effect is Effect.EXACT and holds_fp16(gm) else spec.effect.tolerance
 
 
 def _fail(spec: Pass, done: list[str], message: str, node: str | None = None) -> PassError:

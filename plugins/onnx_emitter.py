@@ -13,6 +13,7 @@ import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
 from graphopt.emit import captured_output, write_atomic
 from graphopt.errors import first_line
+from graphopt.graph import holds_fp16
 
 OPTIONS = (
     Option("exporter", str, "torchscript", "torch.onnx exporter: torchscript (fast) or dynamo "
@@ -139,7 +140,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         meta["simplified"] = why is None
         if why:
             meta["simplify_error"] = why
-    if any(t.dtype == torch.float16 for t in graph.module.state_dict().values()):   # an fp16 graph
+    if holds_fp16(graph.module):
         meta.update(precision="fp16", upcast_initializers=_half_storage(model))
     _stamp(model, graph)
     try:

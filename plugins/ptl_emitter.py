@@ -16,7 +16,7 @@ import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
 from graphopt.emit import write_atomic
 from graphopt.errors import first_line
-from graphopt.graph import flatten_outputs
+from graphopt.graph import flatten_outputs, holds_fp16
 
 OPTIONS = (
     Option("optimize_for_mobile", bool, True, "run torch's optimize_for_mobile (needs a torch "
@@ -134,9 +134,9 @@ def _fp16(gm: fx.GraphModule) -> tuple[dict, list[str]]:
     """For a graph holding fp16 tensors: its ``meta`` (the lite interpreter runs half conv2d and
     linear on CPU, so the graph is saved as it is: half activations too, or fp16 weights upcast
     at use after ``fp16(mode=weights)``) and the fp16 attributes read through get_attr."""
-    state = gm.state_dict()
-    if not any(t.dtype == torch.float16 for t in state.values()):
+    if not holds_fp16(gm):
         return {}, []
+    state = gm.state_dict()
     reads = {n.target for n in gm.graph.nodes if n.op == "get_attr"}
     half = any(n.meta.get("graphopt.dtype") == "float16" for n in gm.graph.nodes
                if n.op in ("call_module", "call_function", "call_method"))

@@ -18,6 +18,7 @@ import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
 from graphopt.emit import captured_output, write_atomic
 from graphopt.errors import first_line
+from graphopt.graph import holds_fp16
 
 OPTIONS = (
     Option("precision", str, "fp32", "fp32, or fp16 weights (half the file, errors ~1e-3)",
@@ -240,7 +241,7 @@ def _fp32_copy(graph: graphopt.Graph) -> graphopt.Graph | None:
     fp16 tensors upcast, casts to fp16 dropped, inputs fp32 (``graphopt.precision`` cleared).
     TFLite's float16 conversion then stores its weights in half again. None for a graph
     without fp16 tensors."""
-    if not any(t.dtype == torch.float16 for t in graph.module.state_dict().values()):
+    if not holds_fp16(graph.module):
         return None
     gm = copy.deepcopy(graph.module)
     gm._apply(lambda t: t.float() if t.dtype == torch.float16 else t)
