@@ -18,11 +18,12 @@ from .passes import Effect, Option, Pass, PassContext, PassResult
 from .pipeline import Pipeline, parse_pipeline
 from .plugins import Registry, load_plugins
 from .passmanager import PassRecord, PipelineRun, run_pipeline
+from .driver import RunResult, optimize
 
 __all__ = [
     "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
     "Metrics", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
-    "Pipeline", "PipelineError", "PipelineRun", "PluginError", "Registry", "Tolerance",
+    "Pipeline", "PipelineError", "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance",
     "UsageError", "VerificationError", "capture", "compare", "hookimpl", "load_plugins",
-    "parse_pipeline", "run_pipeline",
+    "optimize", "parse_pipeline", "run_pipeline",
 ]

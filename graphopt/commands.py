@@ -21,10 +21,21 @@ def _check_report_path(path: str | None) -> Path | None:
     return p
 
 
+# How `graphopt run` gives each ctx.data key a pass may need.
+_DATA_OPTIONS = {"train": "--train FILE.py:FN"}
+
+
+def _option_hint(key: str) -> str:
+    option = _DATA_OPTIONS.get(key)
+    return f"pass {option}" if option else (f"graphopt run cannot give it: call graphopt.optimize(..., "
+                                            f"data={{{key!r}: ...}}) from Python")
+
+
 def cmd_run(args, registry: Registry) -> int:
     from .driver import check_out_dir, optimize, select_emitters
     from .emit import write_json_atomic
-    from .modelspec import example_inputs, load_model, parse_shape
+    from .modelspec import example_inputs, load_model, load_train_function, parse_shape
+    from .passmanager import check_needs
     from .pipeline import parse_pipeline, resolve
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
@@ -32,8 +43,9 @@ def cmd_run(args, registry: Registry) -> int:
     out = check_out_dir(Path(args.out)) if formats else None
     report_path = _check_report_path(args.report)
     pipeline = args.pipeline if args.pipeline is not None else registry.default_pipeline()
+    data = {"train": load_train_function(args.train)} if args.train else {}
     if pipeline:
-        resolve(parse_pipeline(pipeline), registry.passes)
+        check_needs(resolve(parse_pipeline(pipeline), registry.passes), data, _option_hint)
     for name in args.explain + [p for p in args.print_ir_after if p != "all"]:
         if name not in registry.passes:
             raise UsageError(f"unknown pass {name!r} for --explain/--print-ir-after")
@@ -48,7 +60,7 @@ def cmd_run(args, registry: Registry) -> int:
     with ui.progress("starting") as progress:
         result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
                           model_spec=args.model, name=args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
-                          leaf_modules=args.leaf_module, print_ir_after=args.print_ir_after,
+                          leaf_modules=args.leaf_module, data=data, print_ir_after=args.print_ir_after,
                           on_ir=show_ir, progress=progress)
     report = result.report
     bench_rows = []

@@ -51,16 +51,28 @@ def load_data(seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, 
 
 
 def train(seed: int = 0, epochs: int = 15) -> DigitsNet:
-    """A DigitsNet trained on the training split with Adam; returned in eval mode.
+    """A DigitsNet trained on the training split with Adam; returned in eval mode."""
+    torch.manual_seed(seed)
+    model = DigitsNet()
+    _fit(model, epochs, 3e-3, seed)
+    return model.eval()
+
+
+def finetune(model: nn.Module, *, epochs: int = 8, seed: int = 0) -> None:
+    """Train ``model`` (the demo's pruned graph, say) further on the training split: the
+    demo pipeline's ``finetune`` step, ``data={"train": finetune}``."""
+    _fit(model, epochs, 1e-3, seed)
+
+
+def _fit(model: nn.Module, epochs: int, lr: float, seed: int) -> None:
+    """Adam with a cosine schedule over seeded batches of 32, in train mode.
 
     Runs on one thread: faster for a model this small (several times so on a busy
     machine) and the same weights for a seed whatever the core count.
     """
     x_train, y_train, _, _ = load_data(seed)
-    torch.manual_seed(seed)
-    model = DigitsNet()
     shuffle = torch.Generator().manual_seed(seed)
-    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, epochs)
     model.train()
     threads = torch.get_num_threads()
@@ -75,7 +87,6 @@ def train(seed: int = 0, epochs: int = 15) -> DigitsNet:
             schedule.step()
     finally:
         torch.set_num_threads(threads)
-    return model.eval()
 
 
 def default_cache_dir() -> Path:

@@ -21,6 +21,7 @@ class Metrics:
     cosine: float       # of the flattened outputs; 1.0 when both are all-zero
     sqnr_db: float      # 10 log10(signal power / noise power); inf when exact
     top1: float | None  # argmax agreement over the batch, for (N, C>1) outputs; else None
+    finite: bool = True  # every value of ``actual`` is finite (no NaN, no Inf)
 
     def as_dict(self) -> dict:
         return {k: (None if isinstance(v, float) and math.isinf(v) else v)
@@ -29,7 +30,8 @@ class Metrics:
 
 @dataclass(frozen=True)
 class Tolerance:
-    """Bounds a comparison must meet; ``None`` leaves that metric unchecked."""
+    """Bounds a comparison must meet; ``None`` leaves that metric unchecked. No tolerance
+    accepts NaN or Inf in the outputs, so even ``Tolerance()`` checks finiteness."""
 
     max_rel: float | None = None
     min_cosine: float | None = None
@@ -38,7 +40,7 @@ class Tolerance:
 
     def violations(self, m: Metrics) -> list[str]:
         """Human-readable reasons ``m`` fails this tolerance (empty when it passes)."""
-        out = []
+        out = [] if m.finite else ["NaN or Inf in the outputs"]
         if self.max_rel is not None and not m.max_rel <= self.max_rel:
             out.append(f"max relative error {m.max_rel:.3g} > {self.max_rel:g}")
         if self.min_cosine is not None and not m.cosine >= self.min_cosine:
@@ -70,7 +72,7 @@ def _one(ref: torch.Tensor, act: torch.Tensor) -> Metrics:
     if r.numel() == 0:
         return Metrics(0.0, 0.0, 1.0, math.inf, None)
     if not torch.isfinite(a).all():
-        return Metrics(math.inf, math.inf, -1.0, -math.inf, 0.0 if ref.dim() == 2 else None)
+        return Metrics(math.inf, math.inf, -1.0, -math.inf, 0.0 if ref.dim() == 2 else None, finite=False)
     diff = a - r
     max_abs = diff.abs().max().item()
     scale = r.abs().max().item()
@@ -105,4 +107,5 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -
         cosine=min(p.cosine for p in parts),
         sqnr_db=min(p.sqnr_db for p in parts),
         top1=min(top1s) if top1s else None,
+        finite=all(p.finite for p in parts),
     )

@@ -1,4 +1,5 @@
-"""Turn the CLI's MODEL and --input-shape text into a module and example inputs."""
+"""Turn the CLI's MODEL, --input-shape and --train text into a module, example inputs and a
+training function."""
 from __future__ import annotations
 
 import importlib
@@ -26,15 +27,17 @@ def example_inputs(shapes: list[tuple[int, ...]], seed: int = 0) -> tuple[torch.
     return tuple(torch.randn(*s, generator=gen) for s in shapes)
 
 
-def _import_target(spec: str):
+def import_object(spec: str, what: str = "model"):
+    """The object named by ``path/to/file.py:name`` or ``package.module:name``; ``what`` it is
+    for ("model", "training function") words the one-line UsageError when it cannot be had."""
     if ":" not in spec:
-        raise UsageError(f"bad model spec {spec!r}: write path/to/file.py:callable or package.module:callable")
+        raise UsageError(f"bad {what} spec {spec!r}: write path/to/file.py:callable or package.module:callable")
     where, attr = spec.rsplit(":", 1)
     if where.endswith(".py") or "/" in where or "\\" in where:
         path = Path(where)
         if not path.is_file():
-            raise UsageError(f"model file {where} does not exist")
-        mod_name = f"graphopt_model_{abs(hash(str(path.resolve())))}"
+            raise UsageError(f"{what} file {where} does not exist")
+        mod_name = f"graphopt_user_{abs(hash(str(path.resolve())))}"
         module_spec = importlib.util.spec_from_file_location(mod_name, path)
         module = importlib.util.module_from_spec(module_spec)
         sys.modules[mod_name] = module
@@ -59,7 +62,7 @@ def _import_target(spec: str):
 
 def load_model(spec: str, weights: str | None = None) -> nn.Module:
     """Build the model named by ``spec`` and optionally load a state_dict (weights_only)."""
-    target = _import_target(spec)
+    target = import_object(spec)
     try:
         model = target() if callable(target) and not isinstance(target, nn.Module) else target
     except Exception as exc:
@@ -78,3 +81,12 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
         except Exception as exc:
             raise UsageError(f"cannot load weights {weights} into {spec}: {first_line(exc)}") from exc
     return model
+
+
+def load_train_function(spec: str):
+    """The training function named by ``--train FILE.py:FN`` (or ``package.module:FN``)."""
+    target = import_object(spec, "training function")
+    if not callable(target):
+        raise UsageError(f"--train {spec} is not callable (it is {type(target).__name__}); "
+                         f"name a function fn(module, *, epochs)")
+    return target

@@ -28,6 +28,7 @@ class Effect(str, Enum):
     FP16 = "fp16"              # half precision somewhere: within 1e-2, cosine >= 0.999
     INT8 = "int8"              # quantized: cosine >= 0.99, top-1 mostly kept
     STRUCTURAL = "structural"  # a different function (e.g. pruned): judged against the pass's oracle
+    TRAINED = "trained"        # retrained weights: same output count and shapes, all finite
 
     @property
     def tolerance(self) -> Tolerance:
@@ -39,6 +40,7 @@ _TOLERANCES = {
     Effect.FP16: Tolerance(max_rel=1e-2, min_cosine=0.999),
     Effect.INT8: Tolerance(min_cosine=0.99),
     Effect.STRUCTURAL: Tolerance(max_rel=1e-5),
+    Effect.TRAINED: Tolerance(),   # compare() checks count and shapes, violations() finiteness
 }
 
 _TRUE, _FALSE = {"true", "yes", "on", "1"}, {"false", "no", "off", "0"}
@@ -94,6 +96,7 @@ class PassContext:
     graph: "Graph"
     data: dict = field(default_factory=dict)
     explanations: list[str] = field(default_factory=list)
+    scratch: dict = field(default_factory=dict)     # this run of the pass only, e.g. what its oracle reads
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:

@@ -2,8 +2,9 @@
 
 verify-each: after every pass, lint + recompile + run on the example inputs and compare
 with the graph before it under the pass's tolerance (structural passes: against their
-oracle). A failing pass leaves the graph as it was; the error names the pass, the passes
-before it and the first node whose output diverges.
+oracle; trained passes: only output count, shapes and finiteness). A failing pass leaves
+the graph as it was; the error names the pass, the passes before it and the first node
+whose output diverges.
 """
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from typing import Any, Callable, Sequence
 import torch
 import torch.fx as fx
 
-from .errors import PassError
+from .errors import GraphoptError, PassError
 from .graph import Graph, annotate, holds_fp16
 from .metrics import Tolerance, compare
 from .passes import Effect, Pass, PassContext, PassResult
@@ -107,6 +108,21 @@ def _fail(spec: Pass, done: list[str], message: str, node: str | None = None) ->
                      f"{spec.name} was kept", pass_name=spec.name, before=tuple(done), node=node)
 
 
+def _data_hint(key: str) -> str:
+    return f"give it as data={{{key!r}: ...}}"
+
+
+def check_needs(steps: Sequence[tuple[Pass, dict]], data: dict,
+                hint: Callable[[str], str] = _data_hint) -> None:
+    """Raise PassError for the first pass in ``steps`` that needs a ``ctx.data`` key missing
+    from ``data``; ``hint(key)`` tells the user how to give it (the CLI names its option)."""
+    for spec, _ in steps:
+        missing = [k for k in spec.needs if k not in data]
+        if missing:
+            raise PassError(f"pass {spec.name} needs {', '.join(missing)}, which was not given; "
+                            f"{'; '.join(hint(k) for k in missing)}", pass_name=spec.name)
+
+
 def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
                  verify: bool = True, data: dict | None = None,
                  print_ir_after: Sequence[str] = (),
@@ -120,11 +136,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
     pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
     steps = resolve(pipe, registry.passes)
     data = dict(data or {})
-    for spec, _ in steps:
-        missing = [k for k in spec.needs if k not in data]
-        if missing:
-            raise PassError(f"pass {spec.name} needs {', '.join(missing)}, which was not given",
-                            pass_name=spec.name)
+    check_needs(steps, data)
     current = graph.clone()
     reference = annotate(current.module, current.example_inputs)
     previous = reference
@@ -142,8 +154,9 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
             gm.graph.lint()
             gm.recompile()
             outputs = annotate(gm, current.example_inputs)
-        except Exception as exc:
-            raise _fail(spec, done, f"failed: {type(exc).__name__}: {exc}") from exc
+        except Exception as exc:   # a GraphoptError's message is already written for people
+            detail = str(exc) if isinstance(exc, GraphoptError) else f"{type(exc).__name__}: {exc}"
+            raise _fail(spec, done, f"failed: {detail}") from exc
         seconds = time.perf_counter() - start
         verified = False
         if verify:

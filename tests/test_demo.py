@@ -1,6 +1,7 @@
 import json
 
 from graphopt.cli import main
+from graphopt.demo import DEMO_PIPELINE
 
 
 def test_demo_trains_caches_emits_and_scores_every_format(capsys, tmp_path, monkeypatch, registry):
@@ -9,20 +10,25 @@ def test_demo_trains_caches_emits_and_scores_every_format(capsys, tmp_path, monk
     assert main(["demo", "--out", str(out), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
     assert (tmp_path / "cache" / "digits_net-v1.pt").is_file()
-    assert report["ok"] and report["pipeline"] == registry.default_pipeline()
+    assert report["ok"] and report["pipeline"] == DEMO_PIPELINE
     rows = {r["format"]: r for r in report["demo"]["formats"]}
     assert {"onnx", "ptl", "tflite", "tflite fp16"} <= set(rows)
     assert set(rows) == {"pytorch", "fx graph"} | {r["format"] for r in report["demo"]["formats"][2:]}
     assert rows["tflite fp16"]["bytes"] < 0.6 * rows["tflite"]["bytes"]
     assert report["demo"]["held_out"] == 450
+    # pruned to half its channels and fine-tuned: within 1.5 points of the unpruned model
+    assert abs(rows["fx graph"]["accuracy"] - rows["pytorch"]["accuracy"]) <= 0.015
     for fmt, row in rows.items():
         assert row["verified"], fmt
         assert row["accuracy"] >= 0.95, fmt
-        assert abs(row["accuracy"] - rows["pytorch"]["accuracy"]) <= 1 / 450, fmt
+        if fmt != "pytorch":
+            assert abs(row["accuracy"] - rows["fx graph"]["accuracy"]) <= 1 / 450, fmt
+    prune = next(p for p in report["passes"] if p["name"].startswith("prune"))
+    assert prune["stats"]["channels_removed"] == 8 + 16 + 32 and prune["params"] < report["model"]["params"] / 3
     for art in report["artifacts"]:
         assert (out / art["path"].split("/")[-1]).stat().st_size == art["bytes"]
     assert json.loads((out / "report.json").read_text())["ok"]
-    # the pipeline really changed the graph: BatchNorm folded, dropout removed
+    # the pipeline really changed the graph: pruned, BatchNorm folded, dropout removed
     assert report["passes"][-1]["nodes"] < report["model"]["nodes"]
     # second run: cached weights, same artifacts byte for byte
     first = {p.name: p.read_bytes() for p in out.iterdir() if p.suffix != ".json"}
