@@ -123,6 +123,11 @@ def _constants(a: Analysis, node: fx.Node, size, removed) -> Iterator[tuple[Path
             for j, (v, piece) in enumerate(zip(sizes, labels)):
                 if d in piece:
                     yield [*where, j], v, int(a.kept(piece[d], removed).sum())
+    elif node.target is F.scaled_dot_product_attention and node.kwargs.get("scale") is None:
+        q = node.args[0] if node.args else node.kwargs["query"]
+        head = len(shape(q)) - 1
+        if size(q, head) != shape(q)[head]:
+            yield ["kwargs", "scale"], None, shape(q)[head] ** -0.5
     elif node.target is F.layer_norm:
         x = node.args[0]
         normalized = node.args[1] if len(node.args) > 1 else node.kwargs["normalized_shape"]

@@ -115,6 +115,11 @@ class _Rules(ShapeRules):
             return self.layer_norm_function()
         if fn is F.linear:
             return self.linear_function()
+        if fn in (torch.roll, torch.flip) or method in ("roll", "flip"):
+            dims = self.arg(2, "dims") if fn is torch.roll or method == "roll" else self.arg(1, "dims")
+            return self.along(n.args[0], dims, "moves positions along")
+        if fn is F.scaled_dot_product_attention:
+            return self.attention()
         return self.freeze("no channel rule for this op")
 
     def module(self, m: nn.Module):
@@ -234,3 +239,26 @@ class _Rules(ShapeRules):
         if isinstance(b, fx.Node):
             self.assign(b, {0: out})
         return {**{d: v for d, v in lx.items() if d < rank - 1}, rank - 1: out}
+
+    def attention(self):
+        """softmax(q @ k^T * scale) @ v: q and k tied on their last dim; batch and head dims
+        broadcast; the output's last dim is v's. (The default scale, 1/sqrt of the head dim,
+        is written into the call when the head dim shrinks: ``prune_apply``.)"""
+        n = self.node
+        q, k, v = self.arg(0, "query"), self.arg(1, "key"), self.arg(2, "value")
+        rank = len(shape(n))
+        self.merge([(q, len(shape(q)) - 1), (k, len(shape(k)) - 1)])
+        out = {}
+        for od in range(rank - 2):
+            here = [(x, od - (rank - len(shape(x)))) for x in (q, k, v)]
+            merged = self.merge([(x, d) for x, d in here if d >= 0 and shape(x)[d] == shape(n)[od]])
+            if merged is not None:
+                out[od] = merged
+        for x, d, what in ((k, len(shape(k)) - 2, "key"), (v, len(shape(v)) - 2, "value")):
+            if d in self.of(x):
+                self.a.freeze(self.of(x)[d], f"{self.name}: its {what} sequence dim carries channels")
+        if len(shape(q)) - 2 in self.of(q):
+            out[rank - 2] = self.of(q)[len(shape(q)) - 2]
+        if len(shape(v)) - 1 in self.of(v):
+            out[rank - 1] = self.of(v)[len(shape(v)) - 1]
+        return out

@@ -9,6 +9,9 @@ from graphopt_plugins.fxutil import describe
 from graphopt_plugins.prune_deps import Analysis, Labels
 
 
+_CONSTANT_CHAIN = {"expand", "expand_as", "contiguous", "clone", "to", "float"}
+
+
 def shape(node) -> tuple[int, ...] | None:
     return node.meta.get("graphopt.shape") if isinstance(node, fx.Node) else None
 
@@ -67,11 +70,25 @@ class RuleBase:
         for x, d in operands:
             if d in self.of(x):
                 continue
-            if x.op == "get_attr":
-                self.assign(x, {d: merged})
-            else:
+            if not self.constant(x, d, merged):
                 self.a.freeze(merged, f"{self.name}: meets {x.name}, whose channels are not prunable")
         return merged
+
+    def constant(self, x: fx.Node, d: int, arr: np.ndarray) -> bool:
+        """Give dim ``d`` of ``x`` the labels ``arr`` when ``x`` is a parameter, or a parameter
+        passed through expand/contiguous/clone/to (``cls_token.expand(B, -1, -1)``)."""
+        if x.op == "get_attr":
+            self.assign(x, {d: arr})
+            return True
+        if x.op != "call_method" or x.target not in _CONSTANT_CHAIN or not isinstance(x.args[0], fx.Node):
+            return False
+        src = x.args[0]
+        sd = d - (len(shape(x)) - len(shape(src) or ()))
+        if shape(src) is None or sd < 0 or shape(src)[sd] != shape(x)[d] or not self.constant(src, sd, arr):
+            return False
+        labels = self.a.labels.get(x) or {}
+        self.a.labels[x] = {**labels, d: arr}
+        return True
 
     def elementwise(self, operands: list[fx.Node], skip: tuple[int, ...] = ()):
         out_shape = shape(self.node)
@@ -106,10 +123,11 @@ class RuleBase:
                 self.a.freeze(arr, f"{self.name}: {why}")
         return out
 
-    def along(self, x: fx.Node, dim, why: str):
+    def along(self, x: fx.Node, dims, why: str):
+        """An op working along ``dims`` (int, list, or None: all): labels elsewhere pass,
+        labels on those dims are frozen (softmax over channels, roll over channels...)."""
         lx, rank = self.of(x), len(shape(x))
-        d = positive_dim(dim, rank) if isinstance(dim, int) else None
-        if d is None or d in lx:
-            self.a.freeze_labels({k: v for k, v in lx.items() if d is None or k == d},
-                                 f"{self.name}: {why} the pruned dim")
-        return {k: v for k, v in lx.items() if k != d}
+        dims = range(rank) if dims is None else [dims] if isinstance(dims, int) else dims
+        along = {positive_dim(d, rank) for d in dims}
+        self.a.freeze_labels({k: v for k, v in lx.items() if k in along}, f"{self.name}: {why} the pruned dim")
+        return {k: v for k, v in lx.items() if k not in along}

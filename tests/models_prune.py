@@ -355,20 +355,21 @@ class ChannelRoll(nn.Module):
         return torch.roll(x, 1, dims=1)
 
 
-class ChannelFlip(nn.Module):
-    """``torch.flip(x, dims=[1])``: reverses the channel order."""
+class ChannelCumsum(nn.Module):
+    """``torch.cumsum(x, dim=1)``: mixes every channel into the ones after it."""
 
     def forward(self, x):
-        return torch.flip(x, dims=[1])
+        return torch.cumsum(x, dim=1)
 
 
 def unknown_op(*, seed: int = 0) -> nn.Sequential:
-    """Ops with no channel rule between convs: conv (3 -> 16), roll over channels, conv
-    (16 -> 16), flip over channels, conv (16 -> 32). Only the last conv's output is safe
-    to prune; a naive pruner that passes channels through roll/flip gets wrong numbers."""
+    """Channel-mixing ops between convs: conv (3 -> 16), roll over channels, conv (16 -> 16),
+    cumsum over channels (an op with no channel rule), conv (16 -> 32). Only the last conv's
+    output is safe to prune; a naive pruner that passes channels through them gets wrong
+    numbers."""
     torch.manual_seed(seed)
     return _init(nn.Sequential(
-        _conv_bn_relu(3, 16, 3), ChannelRoll(), _conv_bn_relu(16, 16, 3), ChannelFlip(),
+        _conv_bn_relu(3, 16, 3), ChannelRoll(), _conv_bn_relu(16, 16, 3), ChannelCumsum(),
         _conv_bn_relu(16, 32, 3), _head(32)))
 
 

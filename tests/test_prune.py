@@ -94,9 +94,9 @@ def test_channel_shuffle_is_followed_as_a_permutation(registry):
 
 
 def test_a_channel_permutation_treated_element_wise_is_caught_by_the_oracle(registry, monkeypatch):
-    """What a pruner that treats unknown ops as element-wise does with torch.roll/flip over
+    """What a pruner that treats unknown ops as element-wise does with torch.roll/cumsum over
     channels: a model of the right shapes that computes the wrong thing. The oracle rejects it."""
-    monkeypatch.setattr(prune_rules, "_UNARY_FUNCTIONS", prune_rules._UNARY_FUNCTIONS | {torch.roll, torch.flip})
+    monkeypatch.setattr(prune_rules, "_UNARY_FUNCTIONS", prune_rules._UNARY_FUNCTIONS | {torch.roll, torch.cumsum})
     graph = capture(PRUNE_ZOO["unknown_op"][0](), (example_input("unknown_op"),))
     with pytest.raises(PassError, match=r"pass prune \(as the first pass\) changed the outputs beyond its "
                                         r"structural tolerance"):
@@ -204,8 +204,8 @@ def test_an_op_without_a_rule_freezes_its_channels_and_says_why(registry):
     original = [m for m in graph.module.modules() if isinstance(m, nn.Conv2d)]
     assert [c.out_channels for c in convs[:2]] == [c.out_channels for c in original[:2]]
     text = "\n".join(run.records[-1].explanations)
-    assert "roll (call_function roll): no channel rule for this op" in text
-    assert "flip (call_function flip): no channel rule for this op" in text
+    assert "roll (call_function roll): moves positions along the pruned dim" in text
+    assert "cumsum (call_function cumsum): no channel rule for this op" in text
 
 
 def test_model_outputs_and_inputs_freeze_their_channels(registry):
@@ -222,3 +222,20 @@ def test_big_graph_analysis(registry):
     stats = run.records[-1].stats
     assert run.records[-1].verified and stats["groups"] > 50 and stats["pruned_groups"] >= stats["groups"] - 1
     assert stats["analysis_seconds"] > 0
+
+
+@pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny"])
+def test_vision_transformers_prune_through_tokens_windows_and_attention(registry, name):
+    """Class token and position embedding (parameters through expand/cat), SDPA (its default
+    scale written in when the head dim shrinks), Swin's rolls over spatial dims and window
+    reshapes: everything prunes but the classifier's outputs."""
+    from models_transformers import TRANSFORMER_ZOO
+    builder, input_shape = TRANSFORMER_ZOO[name]
+    x = torch.randn(*input_shape, generator=torch.Generator().manual_seed(0))
+    graph = capture(builder(), (x,))
+    run = run_pipeline(graph, "prune(ratio=0.5)", registry)
+    record = run.records[-1]
+    assert record.verified and record.stats["frozen_groups"] == 1
+    assert record.macs < 0.4 * graph.stats()["macs"]
+    sdpa = [n for n in run.graph.module.graph.nodes if n.target is nn.functional.scaled_dot_product_attention]
+    assert all(n.kwargs.get("scale") for n in sdpa)
