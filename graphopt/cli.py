@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--weights", help="state_dict file to load (torch.load weights_only=True)")
     run.add_argument("--train", metavar="FILE.py:FN", help="training function fn(module, *, epochs) for "
                      "the finetune pass (path/to/file.py:fn or package.module:fn)")
+    run.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for quantize: one array per "
+                     "input name (or one array), samples along the first dim")
     run.add_argument("--pipeline", help="pass pipeline, e.g. cleanup,fold-bn (default: the default pipeline)")
     run.add_argument("--emit", default="onnx", help="comma-separated formats (see graphopt emitters)")
     run.add_argument("--out", default="out", help="output directory for artifacts (default: out)")
@@ -97,7 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", parents=[common], help="train a small digits CNN and take it through every format")
     demo.add_argument("--out", default="out/demo", help="output directory (default: out/demo)")
     demo.add_argument("--pipeline", help="pipeline (default: cleanup,prune(ratio=0.5),finetune(epochs=8),"
-                                         "fold-bn,fuse; finetune trains on the digits)")
+                                         "fold-bn,fuse,quantize(prefer=size); finetune trains on the digits, "
+                                         "quantize calibrates on 512 of them)")
     return parser
 
 

@@ -22,7 +22,7 @@ def _check_report_path(path: str | None) -> Path | None:
 
 
 # How `graphopt run` gives each ctx.data key a pass may need.
-_DATA_OPTIONS = {"train": "--train FILE.py:FN"}
+_DATA_OPTIONS = {"train": "--train FILE.py:FN", "calibration": "--calib DATA.npz"}
 
 
 def _option_hint(key: str) -> str:
@@ -34,7 +34,7 @@ def _option_hint(key: str) -> str:
 def cmd_run(args, registry: Registry) -> int:
     from .driver import check_out_dir, optimize, select_emitters
     from .emit import write_json_atomic
-    from .modelspec import example_inputs, load_model, load_train_function, parse_shape
+    from .modelspec import example_inputs, load_calibration, load_model, load_train_function, parse_shape
     from .passmanager import check_needs
     from .pipeline import parse_pipeline, resolve
     ui = Ui(args.quiet, args.json)
@@ -44,6 +44,8 @@ def cmd_run(args, registry: Registry) -> int:
     report_path = _check_report_path(args.report)
     pipeline = args.pipeline if args.pipeline is not None else registry.default_pipeline()
     data = {"train": load_train_function(args.train)} if args.train else {}
+    if args.calib:
+        data["calibration"] = None                 # read below, once the model is loaded
     if pipeline:
         check_needs(resolve(parse_pipeline(pipeline), registry.passes), data, _option_hint)
     for name in args.explain + [p for p in args.print_ir_after if p != "all"]:
@@ -52,6 +54,8 @@ def cmd_run(args, registry: Registry) -> int:
     _check_timing(args)
     model = load_model(args.model, args.weights)
     inputs = example_inputs(shapes, args.seed)
+    if args.calib:
+        data["calibration"] = load_calibration(args.calib, model, inputs)
 
     def show_ir(name: str, code: str) -> None:
         ui.print(f"[bold]--- IR after {name} ---[/bold]")

@@ -1,6 +1,6 @@
 """``graphopt demo``: a digits CNN (trained in seconds, cached) pruned to half its channels,
-fine-tuned, folded and fused, then taken to every available format, each verified and
-scored on held-out digits."""
+fine-tuned, folded, fused and quantized to int8 (calibrated on training digits), then taken
+to every available format, each verified and scored on held-out digits."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,7 +16,7 @@ from .metrics import Tolerance, compare
 from .plugins import Registry
 
 
-DEMO_PIPELINE = "cleanup,prune(ratio=0.5),finetune(epochs=8),fold-bn,fuse"
+DEMO_PIPELINE = "cleanup,prune(ratio=0.5),finetune(epochs=8),fold-bn,fuse,quantize(prefer=size)"
 
 
 def _per_sample(fn, x: torch.Tensor) -> torch.Tensor:
@@ -24,14 +24,16 @@ def _per_sample(fn, x: torch.Tensor) -> torch.Tensor:
     return torch.cat([fn([x[i:i + 1]])[0] for i in range(len(x))])
 
 
-def demo_formats(registry: Registry) -> str:
-    """Every installed format, once per precision it offers (fp32 and fp16; int8 needs
-    calibration and is not part of the demo)."""
+def demo_formats(registry: Registry, quantized: bool) -> str:
+    """Every installed format: once for a quantized graph (its artifacts are int8), else
+    once per float precision it offers (fp32, fp16)."""
     items = []
     for fmt, emitter in sorted(registry.emitters.items()):
         if emitter.missing():
             continue
         items.append(fmt)
+        if quantized:
+            continue
         precision = emitter.option("precision")
         if precision is not None:
             items += [f"{fmt}(precision={p})" for p in precision.choices if p not in (precision.default, "int8")]
@@ -41,14 +43,15 @@ def demo_formats(registry: Registry) -> str:
 def run_demo(args, registry: Registry) -> int:
     ui = Ui(args.quiet, args.json)
     out = check_out_dir(Path(args.out))
-    formats = demo_formats(registry)
+    pipeline = DEMO_PIPELINE if args.pipeline is None else args.pipeline
+    formats = demo_formats(registry, "quantize" in pipeline)
     with ui.progress("training the digits CNN (cached after the first run)") as progress:
         model = load_or_train()
-        _, _, x_test, y_test = load_data()
-        pipeline = DEMO_PIPELINE if args.pipeline is None else args.pipeline
+        x_train, _, x_test, y_test = load_data()
         result = optimize(model, (x_test[:1],), registry, pipeline=pipeline, formats=formats,
                           out_dir=out, model_spec="graphopt.demo_model:DigitsNet", name="digits_net",
-                          data={"train": finetune}, progress=progress)
+                          data={"train": finetune, "calibration": list(x_train[:512].split(64))},
+                          progress=progress)
         progress("scoring every format on the held-out digits")
         with torch.no_grad():
             eager = model(x_test)
@@ -61,9 +64,10 @@ def run_demo(args, registry: Registry) -> int:
                 _row("fx graph", "(after the pipeline)", result.graph.stats()["bytes"], graph, graph, y_test, Tolerance())]
         for (emitter, options), check in zip(result.requests, result.artifacts):
             logits = _per_sample(emitter.load(check.artifact), x_test)
-            label = emitter.format + ("" if options.get("precision", "fp32") == "fp32" else f" {options['precision']}")
+            precision = check.artifact.meta.get("precision", options.get("precision", "fp32"))
+            label = emitter.format + ("" if precision == "fp32" else f" {precision}")
             rows.append(_row(label, str(check.artifact.path), check.bytes, graph, logits, y_test,
-                             emitter.tolerance_for(options), check.problems))
+                             emitter.tolerance_for({**options, "precision": precision}), check.problems))
     report = dict(result.report, demo={"held_out": len(y_test), "formats": rows})
     if result.ok:
         write_json_atomic(out / "report.json", report)

@@ -90,3 +90,38 @@ def load_train_function(spec: str):
         raise UsageError(f"--train {spec} is not callable (it is {type(target).__name__}); "
                          f"name a function fn(module, *, epochs)")
     return target
+
+
+def load_calibration(path: str, model: nn.Module,
+                     example: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """``--calib DATA.npz``: one array per input (keyed by the forward argument's name, or
+    any single array for a one-input model), samples along the first dim, fed in batches of
+    the example inputs' batch size."""
+    import inspect
+
+    import numpy as np
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"calibration data {path} does not exist")
+    names = list(inspect.signature(model.forward).parameters)[:len(example)]
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if len(example) == 1 and len(data.files) == 1:
+                arrays = [data[data.files[0]]]
+            else:
+                missing = [n for n in names if n not in data.files]
+                if missing:
+                    raise UsageError(f"calibration data {path} lacks {', '.join(missing)} (it has "
+                                     f"{', '.join(data.files)}); give one array per input name")
+                arrays = [data[n] for n in names]
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read calibration data {path}: {first_line(exc)}") from exc
+    for name, arr, ex in zip(names, arrays, example):
+        if tuple(arr.shape[1:]) != tuple(ex.shape[1:]):
+            raise UsageError(f"calibration array {name} has samples of shape {tuple(arr.shape[1:])}, "
+                             f"the model takes {tuple(ex.shape[1:])} (--input-shape)")
+    if len({len(a) for a in arrays}) != 1:
+        raise UsageError(f"calibration arrays in {path} differ in length")
+    step = example[0].shape[0]
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(ex.dtype) for a, ex in zip(arrays, example)]
+    return [tuple(t[i:i + step] for t in tensors) for i in range(0, len(tensors[0]), step)]

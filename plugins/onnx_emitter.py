@@ -1,4 +1,4 @@
-"""ONNX emitter: Graph -> torch.onnx.export (TorchScript or dynamo) -> onnxsim -> .onnx (fp16 graphs keep fp16 weights), run by onnxruntime."""
+"""ONNX emitter: Graph -> torch.onnx.export (TorchScript or dynamo) -> onnxsim -> .onnx (fp16 graphs keep fp16 weights, fake-quant graphs become int8 QDQ), run by onnxruntime."""
 from __future__ import annotations
 
 import io
@@ -14,6 +14,7 @@ from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
 from graphopt.emit import captured_output, write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import holds_fp16
+from graphopt_plugins import onnx_qdq
 
 OPTIONS = (
     Option("exporter", str, "torchscript", "torch.onnx exporter: torchscript (fast) or dynamo "
@@ -129,25 +130,34 @@ def _stamp(model: Any, graph: graphopt.Graph) -> None:
 
 
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
-    """Export ``graph`` to ``out_dir/<name>.onnx``: checked, simplified unless told not to."""
+    """Export ``graph`` to ``out_dir/<name>.onnx``: checked, simplified unless told not to; a
+    graph with fake-quant nodes becomes an int8 QDQ model (``onnx_qdq``) holding its scales."""
     import onnx
 
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
+    int8 = onnx_qdq.holds_fake_quant(graph.module)
+    if int8 and opts["opset"] < 13:
+        raise EmitError(f"{graph.name} is quantized: its per-channel int8 weights need opset 13 or later, "
+                        f"got opset={opts['opset']}")
     model = _export(graph, opts, [f"output_{i}" for i in range(len(graph.run()))])
     meta: dict[str, Any] = {"exporter": opts["exporter"], "simplified": False}
-    if opts["simplify"]:
+    if opts["simplify"]:   # onnxsim leaves Q/DQ nodes alone: onnxruntime fuses the same int8 units after it
         model, why = _simplify(model)
         meta["simplified"] = why is None
         if why:
             meta["simplify_error"] = why
     if holds_fp16(graph.module):
         meta.update(precision="fp16", upcast_initializers=_half_storage(model))
+    if int8:
+        meta.update(precision="int8", **onnx_qdq.lower(model))
     _stamp(model, graph)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
         raise EmitError(f"the ONNX model exported from {graph.name} is invalid: {first_line(exc)}; "
                         f"try exporter={_other(opts['exporter'])}") from exc
+    if int8:
+        meta["scales"] = onnx_qdq.check_scales(model, graph.module)
     target = Path(out_dir) / f"{graph.name}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, model.SerializeToString(deterministic=True))

@@ -4,6 +4,8 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+import pickletools
+import struct
 import warnings
 from pathlib import Path
 from typing import Any, Iterator, Sequence
@@ -17,10 +19,14 @@ from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
 from graphopt.emit import write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import flatten_outputs, holds_fp16
+from graphopt_plugins import ptl_int8
 
 OPTIONS = (
     Option("optimize_for_mobile", bool, True, "run torch's optimize_for_mobile (needs a torch "
            "build with XNNPACK; without it the module is only frozen, and meta says why)"),
+    Option("engine", str, "x86", "torch's quantized engine for an int8 graph (one with quantize's "
+           "fake-quant nodes): x86 (oneDNN, fbgemm for depthwise convolutions), onednn or qnnpack "
+           "(ARM); recorded in the file and set when it is loaded and run", ptl_int8.ENGINES),
 )
 EXTRA_FILE = "graphopt.json"          # inside the archive: extra/graphopt.json
 NO_XNNPACK = "skipped: this torch build has no XNNPACK"
@@ -109,17 +115,49 @@ def _own_type_names() -> Iterator[None]:
         _state._python_cu, _recursive.concrete_type_store = saved
 
 
+def _renamed(pickle: bytes, names: dict[str, str]) -> bytes:
+    """``pickle`` with the strings in ``names`` renamed. TorchScript pickles are protocol 2:
+    no frames, so nothing records an offset that the new lengths would shift."""
+    parts, end = [], 0
+    for op, arg, pos in pickletools.genops(pickle):
+        if op.name == "BINUNICODE" and arg in names:
+            new = names[arg].encode()
+            parts += [pickle[end:pos], b"X", struct.pack("<I", len(new)), new]
+            end = pos + 5 + len(arg.encode())
+    return b"".join(parts) + pickle[end:]
+
+
+def _stored_once(records: dict[str, bytes]) -> dict[str, bytes]:
+    """``records`` with byte-identical tensor storages (``constants/N.storage``) written once.
+    The TorchScript constants and the lite bytecode each pickle a quantized layer's packed
+    weights, and engines whose packed weights unpack into new tensors (x86, oneDNN) would
+    store them twice."""
+    first: dict[bytes, str] = {}
+    alias = {}
+    for name, data in records.items():
+        if name.startswith("constants/") and name.endswith(".storage"):
+            key = name.removeprefix("constants/")
+            kept = first.setdefault(data, key)
+            if kept != key:
+                alias[key] = kept
+    if not alias or not all(records[p][:2] == b"\x80\x02" for p in records if p.endswith(".pkl")):
+        return records
+    return {name: _renamed(data, alias) if name.endswith(".pkl") else data for name, data in records.items()
+            if name.removeprefix("constants/") not in alias}
+
+
 def _serialize(module: Any, extra: dict[str, str]) -> bytes:
-    """The .ptl bytes without the archive's ``*.debug_pkl`` records: source ranges naming this
-    machine's paths and per-process counters, which the lite interpreter never reads."""
+    """The .ptl bytes without the archive's ``*.debug_pkl`` records (source ranges naming this
+    machine's paths and per-process counters, which the lite interpreter never reads), each
+    tensor storage written once."""
     saved = io.BytesIO(module._save_to_buffer_for_lite_interpreter(_extra_files=extra))
     reader, out = torch._C.PyTorchFileReader(saved), io.BytesIO()
     writer = torch._C.PyTorchFileWriter(out)
-    for record in reader.get_all_records():
-        if not record.endswith(".debug_pkl") and record not in _WRITER_RECORDS:
-            data = reader.get_record(record)
-            writer.write_record(record, data, len(data))
     records = reader.get_all_records()
+    kept = _stored_once({r: reader.get_record(r) for r in records
+                         if not r.endswith(".debug_pkl") and r not in _WRITER_RECORDS})
+    for record, data in kept.items():
+        writer.write_record(record, data, len(data))
     version = "version" if "version" in records else ".data/version"   # where torch put it this time
     writer.set_min_version(int(reader.get_record(version)))
     writer.write_end_of_file()
@@ -144,19 +182,42 @@ def _fp16(gm: fx.GraphModule) -> tuple[dict, list[str]]:
             sorted(k for k, t in state.items() if t.dtype == torch.float16 and k in reads))
 
 
+def _engine(engine: str | None) -> contextlib.AbstractContextManager:
+    """The quantized engine set inside (nothing to set for a file without int8 kernels)."""
+    if engine is None:
+        return contextlib.nullcontext()
+    if ptl_int8.missing_engine(engine):
+        raise EmitError(ptl_int8.missing_engine(engine))
+    return ptl_int8.quantized_engine(engine)
+
+
+def _int8(gm: fx.GraphModule, engine: str | None) -> tuple[fx.GraphModule, dict]:
+    """For a graph holding fake-quant nodes (an engine given): its lowering to quantized kernels
+    and ``meta``."""
+    if engine is None:
+        return gm, {}
+    lowered = ptl_int8.lower(gm)
+    return lowered.module, {"precision": "int8", "engine": engine, "int8": lowered.summary()}
+
+
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Write ``graph`` to ``out_dir/<name>.ptl`` for the lite interpreter, frozen, with
-    graphopt's version, pipeline and input specs in ``extra/graphopt.json``."""
+    graphopt's version, pipeline and input specs (and precision and engine when int8) in
+    ``extra/graphopt.json``.
+    A graph with fake-quant nodes (``quantize``) is saved with quantized kernels (``ptl_int8``)."""
     from torch.jit.mobile import _export_operator_list, _get_model_bytecode_version, _load_for_lite_interpreter
 
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
     gm, outputs = _flat_module(graph)
     inputs = graph.input_specs()
-    extra = {EXTRA_FILE: json.dumps({"version": graphopt.__version__,
-                                     "pipeline": str(graph.meta.get("pipeline", "")), "inputs": inputs})}
+    engine = opts["engine"] if ptl_int8.holds_fake_quant(gm) else None
+    recorded = {"version": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
+                "inputs": inputs} | ({"precision": "int8", "engine": engine} if engine else {})
+    extra = {EXTRA_FILE: json.dumps(recorded)}
     fp16, keep = _fp16(gm)
-    with warnings.catch_warnings(), _own_type_names():
+    with warnings.catch_warnings(), _own_type_names(), _engine(engine):
         warnings.simplefilter("ignore")
+        gm, int8 = _int8(gm, engine)
         module, meta = _torchscript(gm, graph.example_inputs, graph.name)
         module, meta["optimize_for_mobile"] = _optimize(module, opts["optimize_for_mobile"], graph.name, keep)
         try:
@@ -168,29 +229,32 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, data)
     meta.update(bytecode_version=_get_model_bytecode_version(io.BytesIO(data)),
-                ops=sorted(_export_operator_list(lite)), inputs=inputs, outputs=_specs(outputs), **fp16)
+                ops=sorted(_export_operator_list(lite)), inputs=inputs, outputs=_specs(outputs), **fp16, **int8)
     return Artifact("ptl", target, meta)
 
 
-def _recorded_inputs(path: Path) -> list[dict] | None:
-    """The input specs graphopt recorded in the archive (None for a .ptl from elsewhere)."""
+def _recorded(path: Path) -> dict:
+    """What graphopt recorded in the archive (empty for a .ptl from elsewhere)."""
     reader = torch._C.PyTorchFileReader(str(path))
     if not reader.has_record(f"extra/{EXTRA_FILE}"):
-        return None
-    return json.loads(reader.get_record(f"extra/{EXTRA_FILE}"))["inputs"]
+        return {}
+    return json.loads(reader.get_record(f"extra/{EXTRA_FILE}"))
 
 
 def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
     """A runner on the lite interpreter; ``threads`` sets torch's intra-op threads for each
-    call (None: torch's setting), restored afterwards."""
+    call (None: torch's setting), restored afterwards; so is the quantized engine of an int8 file."""
     from torch.jit.mobile import _load_for_lite_interpreter
 
     name = artifact.path.name
     try:
-        with warnings.catch_warnings():
+        recorded = _recorded(artifact.path)
+        specs, engine = recorded.get("inputs"), recorded.get("engine")
+        with warnings.catch_warnings(), _engine(engine):
             warnings.simplefilter("ignore")
             module = _load_for_lite_interpreter(str(artifact.path))
-        specs = _recorded_inputs(artifact.path)
+    except EmitError:
+        raise
     except Exception as exc:
         raise EmitError(f"the lite interpreter cannot load {artifact.path}: {first_line(exc)}") from exc
 
@@ -203,7 +267,7 @@ def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner
         try:
             if threads is not None:
                 torch.set_num_threads(threads)
-            with torch.no_grad():
+            with torch.no_grad(), _engine(engine):
                 return flatten_outputs(module(*inputs))
         except Exception as exc:
             raise EmitError(f"the lite interpreter failed to run {name}: {first_line(exc)}") from exc

@@ -25,7 +25,10 @@ OPTIONS = (
            choices=("fp32", "fp16")),
     Option("keep_nchw", bool, False, "keep torch's channels-first layout for 3-5-D inputs "
            "(default: channels-last, NHWC, as TFLite kernels want)"),
+    Option("int8_io", bool, False, "quantized graphs: int8 inputs and outputs (default: float, "
+           "quantized inside)"),
 )
+_TORCH_LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
 METADATA = "graphopt"   # the .tflite metadata entry: graphopt version, pipeline, input/output layouts
 # onnx2tf downloads these sample images for 4-D 3-channel inputs unless the file is in its working directory.
 CALIBRATION = "calibration_image_sample_data_20x128x128x3_float32.npy"
@@ -193,7 +196,10 @@ def _spec(value: dict, details: dict, layout: str) -> dict:
             "dtype": np.dtype(detail["dtype"]).name, "layout": layout}
 
 
-def _to_torch(array: np.ndarray, layout: str) -> torch.Tensor:
+def _to_torch(array: np.ndarray, layout: str, quantization: list | None = None) -> torch.Tensor:
+    if quantization:                                   # an int8 output: back to real numbers
+        scale, zero_point = quantization
+        array = (array.astype(np.float32) - zero_point) * np.float32(scale)
     if _channels_last(layout):
         array = array.transpose(np.argsort(_perm(array.ndim)))
     return torch.from_numpy(np.ascontiguousarray(array))
@@ -204,7 +210,11 @@ def _feed(inputs: Sequence[torch.Tensor], specs: list[dict], file: str) -> dict[
         raise EmitError(f"{file} takes {len(specs)} inputs, got {len(inputs)}")
     feed = {}
     for t, spec in zip(inputs, specs):
-        array = t.detach().cpu().numpy().astype(spec["dtype"], copy=False)
+        array = t.detach().cpu().numpy()
+        if spec.get("quantization"):                   # an int8 input: quantize with its scale
+            scale, zero_point = spec["quantization"]
+            array = np.clip(np.round(array / scale) + zero_point, -128, 127)
+        array = array.astype(spec["dtype"], copy=False)
         if _channels_last(spec["layout"]):
             array = array.transpose(_perm(array.ndim))
         if list(array.shape) != spec["shape"]:
@@ -268,6 +278,11 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16, which an
     fp16 graph always gets)."""
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
+    if any(n.op == "call_function" and n.target is torch.fake_quantize_per_tensor_affine
+           for n in graph.module.graph.nodes):
+        return _emit_int8(graph, opts, out_dir)
+    if opts["int8_io"]:
+        raise EmitError(f"int8_io needs a quantized graph; {graph.name} is not (run quantize first)")
     upcast = _fp32_copy(graph)
     if upcast is not None:
         graph, opts["precision"] = upcast, "fp16"
@@ -314,6 +329,51 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     return Artifact("tflite", target, meta)
 
 
+def _emit_int8(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
+    """A quantized graph => ``<name>_int8.tflite`` through litert-torch (``tflite_int8``):
+    int8 kernels holding the graph's own scales."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        from graphopt_plugins import tflite_int8
+        with captured_output():
+            import litert_torch
+    except ImportError as exc:
+        raise EmitError(f"int8 TFLite needs litert-torch: {first_line(exc)}; pip install "
+                        f"'graphopt[tflite]'") from exc
+    try:
+        data, io = tflite_int8.convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"])
+    except Exception as exc:
+        raise EmitError(f"litert-torch could not convert the quantized {graph.name}: {first_line(exc)}") from exc
+    ops, custom = operators(data)
+    if custom:
+        raise EmitError(f"the int8 TFLite model of {graph.name} uses ops outside the TFLite builtins "
+                        f"({', '.join(custom)}); graphopt ships builtin ops only")
+    signature = Interpreter(model_content=data).get_signature_runner()
+    specs = {}
+    for kind, details in (("inputs", signature.get_input_details()), ("outputs", signature.get_output_details())):
+        specs[kind] = []
+        for value in io[kind]:
+            d = details[value["name"]]
+            rank = len(d["shape"])
+            layout = _TORCH_LAYOUTS.get(rank, "torch")
+            if value["layout"] == "channels_last":
+                layout = layout.replace("C", "") + "C"
+            dtype = np.dtype(d["dtype"]).name
+            specs[kind].append({"name": value["name"], "shape": [int(x) for x in d["shape"]], "dtype": dtype,
+                                "layout": layout,
+                                "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
+                                if dtype == "int8" else None})
+    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")), **specs}
+    target = Path(out_dir) / f"{graph.name}_int8{'_io' if opts['int8_io'] else ''}.tflite"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, _with_metadata(data, info))
+    return Artifact("tflite", target, {
+        "precision": "int8", "converter": f"litert-torch {litert_torch.__version__} (STATIC, strict QDQ)",
+        "op_types": dict(sorted(ops.items())), "int8_io": opts["int8_io"], **specs,
+        "scales": tflite_int8.scale_check(data, graph.module)})
+
+
 def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
     """A runner on LiteRT's interpreter (XNNPACK on CPU); ``threads`` sets its thread count."""
     from ai_edge_litert.interpreter import Interpreter
@@ -335,7 +395,7 @@ def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner
             outputs = signature(**feed)
         except Exception as exc:
             raise EmitError(f"LiteRT failed to run {path.name}: {first_line(exc)}") from exc
-        return [_to_torch(outputs[o["name"]], o["layout"]) for o in info["outputs"]]
+        return [_to_torch(outputs[o["name"]], o["layout"], o.get("quantization")) for o in info["outputs"]]
 
     return run
 

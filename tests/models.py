@@ -157,6 +157,77 @@ def tiny_mobilenet(num_classes: int = 10, *, seed: int = 0) -> MobileNetV2:
                                      stem_stride=1))
 
 
+# ----------------------------------------------------------------------- MobileNetV3
+
+class SqueezeExcite(nn.Module):
+    """MobileNetV3's SE: avgpool, 1x1 reduce, ReLU, 1x1 expand, hardsigmoid, scale."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        squeeze = _make_divisible(channels // 4)
+        self.fc1, self.fc2 = nn.Conv2d(channels, squeeze, 1), nn.Conv2d(squeeze, channels, 1)
+
+    def forward(self, x):
+        s = nn.functional.adaptive_avg_pool2d(x, 1)
+        s = nn.functional.hardsigmoid(self.fc2(torch.relu(self.fc1(s))))
+        return x * s
+
+
+class MBConv3(nn.Module):
+    """1x1 expand, kxk depthwise, optional SE, 1x1 projection; hardswish or ReLU."""
+
+    def __init__(self, cin: int, k: int, hidden: int, cout: int, se: bool, hs: bool, stride: int):
+        super().__init__()
+        act = nn.Hardswish if hs else nn.ReLU
+        layers = [] if hidden == cin else [*_conv_bn(cin, hidden, 1), act()]
+        layers += [*_conv_bn(hidden, hidden, k, stride, groups=hidden), act()]
+        layers += [SqueezeExcite(hidden)] if se else []
+        layers += _conv_bn(hidden, cout, 1)
+        self.block = nn.Sequential(*layers)
+        self.use_residual = stride == 1 and cin == cout
+
+    def forward(self, x):
+        return x + self.block(x) if self.use_residual else self.block(x)
+
+
+_MOBILENET_V3_SMALL = [(3, 16, 16, True, False, 2), (3, 72, 24, False, False, 2), (3, 88, 24, False, False, 1),
+                       (5, 96, 40, True, True, 2), (5, 240, 40, True, True, 1), (5, 240, 40, True, True, 1),
+                       (5, 120, 48, True, True, 1), (5, 144, 48, True, True, 1), (5, 288, 96, True, True, 2),
+                       (5, 576, 96, True, True, 1), (5, 576, 96, True, True, 1)]
+
+
+class MobileNetV3(nn.Module):
+    """MobileNetV3-Small; ``setting`` rows are (kernel, expanded, out, SE, hardswish, stride)."""
+
+    def __init__(self, setting, num_classes: int, stem_stride: int = 2):
+        super().__init__()
+        layers, cin = [*_conv_bn(3, 16, 3, stem_stride), nn.Hardswish()], 16
+        for k, hidden, cout, se, hs, stride in setting:
+            layers.append(MBConv3(cin, k, hidden, cout, se, hs, stride))
+            cin = cout
+        layers += [*_conv_bn(cin, 6 * cin, 1), nn.Hardswish()]
+        self.features = nn.Sequential(*layers)
+        self.classifier = nn.Sequential(nn.Linear(6 * cin, 1024), nn.Hardswish(), nn.Dropout(0.2),
+                                        nn.Linear(1024, num_classes))
+
+    def forward(self, x):
+        x = nn.functional.adaptive_avg_pool2d(self.features(x), 1)
+        return self.classifier(torch.flatten(x, 1))
+
+
+def mobilenet_v3(num_classes: int = 1000, *, seed: int = 0) -> MobileNetV3:
+    """MobileNetV3-Small (hardswish, squeeze-excitation, depthwise), for 1x3x224x224 inputs."""
+    torch.manual_seed(seed)
+    return _init_weights(MobileNetV3(_MOBILENET_V3_SMALL, num_classes))
+
+
+def tiny_mobilenet_v3(num_classes: int = 10, *, seed: int = 0) -> MobileNetV3:
+    """Three MobileNetV3 blocks (SE, hardswish, a residual), for 1x3x32x32 inputs."""
+    torch.manual_seed(seed)
+    return _init_weights(MobileNetV3([(3, 16, 16, True, False, 1), (3, 48, 24, False, True, 2),
+                                      (5, 72, 24, True, True, 1)], num_classes, stem_stride=1))
+
+
 # ------------------------------------------------------------------------------- MLP
 
 def mlp(in_features: int = 16, num_classes: int = 4, *, seed: int = 0) -> nn.Sequential:
@@ -201,5 +272,7 @@ ZOO = {
     "mobilenet_v2": (mobilenet_v2, (1, 3, 224, 224)),
     "tiny_resnet": (tiny_resnet, (1, 3, 32, 32)),
     "tiny_mobilenet": (tiny_mobilenet, (1, 3, 32, 32)),
+    "mobilenet_v3": (mobilenet_v3, (1, 3, 224, 224)),
+    "tiny_mobilenet_v3": (tiny_mobilenet_v3, (1, 3, 32, 32)),
     "mlp": (mlp, (1, 16)),
 }

@@ -96,7 +96,7 @@ def test_registers_the_tflite_emitter_with_its_options():
     registry = graphopt.load_plugins(["graphopt_plugins.tflite_emitter"], entry_points=False)
     emitter = registry.emitters["tflite"]
     assert emitter.suffix == ".tflite" and emitter.prepare == "tflite-compat" and emitter.missing() == []
-    assert {o.name: o.default for o in emitter.options} == {"precision": "fp32", "keep_nchw": False}
+    assert {o.name: o.default for o in emitter.options} == {"precision": "fp32", "keep_nchw": False, "int8_io": False}
     assert emitter.option("precision").choices == ("fp32", "fp16")
     assert emitter.tolerance_for({"precision": "fp32"}) == graphopt.Tolerance(max_rel=1e-4, min_cosine=0.9999)
     assert emitter.tolerance_for({"precision": "fp16"}) == graphopt.Effect.FP16.tolerance

@@ -1,0 +1,164 @@
+"""``quantize(prefer=speed)``: which layers int8 really speeds up, measured in onnxruntime.
+
+Each int8 layer is cut out of the graph twice: in fp32, and in int8 with its scales and
+int8 tensors in and out (the boundary Q/DQ stripped, as inside an int8 region). Both are
+exported with the ONNX emitter and timed side by side in onnxruntime, one thread, in
+alternation; a layer stays int8 only if it runs at least ``margin`` faster (on this CPU
+depthwise convolutions, hardswish and squeeze-excitation often do not).
+"""
+from __future__ import annotations
+
+import copy
+import importlib.util
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.fx as fx
+import torch.nn as nn
+
+import graphopt
+from graphopt_plugins.quant_modules import insert_fake_quant, quantize_weight
+from graphopt_plugins.quant_observers import QParams
+
+
+MARGIN = 0.9          # int8 stays when it takes at most this fraction of the fp32 time
+
+
+def available() -> bool:
+    return all(importlib.util.find_spec(m) is not None for m in ("onnx", "onnxruntime"))
+
+
+def _cut(gm: fx.GraphModule, layer, qp: dict[str, QParams] | None) -> tuple[fx.GraphModule, list[torch.Tensor]]:
+    """``layer`` (its op and activation) alone; with ``qp``, int8 in and out with its weights."""
+    root, g, env = nn.Module(), fx.Graph(), {}
+    inputs = []
+    for x in layer.inputs:
+        env[x] = g.placeholder(f"in_{len(inputs)}")
+        inputs.append(torch.randn(*x.meta["graphopt.shape"], generator=torch.Generator().manual_seed(len(inputs))))
+    tail = [layer.node] + ([layer.end] if layer.end is not layer.node else [])
+    for node in tail:
+        if node.op == "call_module":
+            module = copy.deepcopy(gm.get_submodule(node.target))
+            root.add_module(node.target.replace(".", "_"), module)
+            new = g.call_module(node.target.replace(".", "_"), tuple(env.get(a, a) for a in node.args))
+        else:
+            new = g.node_copy(node, lambda n: env[n])
+        env[node] = new
+    g.output(env[layer.end])
+    cut = fx.GraphModule(root, g)
+    if qp is not None:
+        values = [n for n in cut.graph.nodes if n.op == "placeholder"]
+        output = next(n for n in cut.graph.nodes if n.op == "output")
+        values.append(output.args[0])
+        for value, source in zip(values, [*layer.inputs, layer.end]):
+            users = list(value.users)
+            fq = insert_fake_quant(cut, value, qp[source.name])
+            for user in users:
+                user.replace_input_with(value, fq)
+        if layer.kind == "weighted":
+            quantize_weight(cut.get_submodule(layer.node.target.replace(".", "_")))
+    cut.recompile()
+    return cut, inputs
+
+
+def _strip_boundaries(model) -> None:
+    """Graph inputs feed QuantizeLinear and outputs come from DequantizeLinear in the exported
+    int8 model: make the graph take and return the int8 tensors instead."""
+    import onnx
+    from onnx import TensorProto
+    g = model.graph
+    inputs = {i.name for i in g.input}
+    outputs = {o.name for o in g.output}
+    for node in list(g.node):
+        if node.op_type == "QuantizeLinear" and node.input[0] in inputs:
+            zp = next((i for i in g.initializer if i.name == node.input[2]), None)
+            dtype = zp.data_type if zp is not None else TensorProto.UINT8
+            for i in g.input:
+                if i.name == node.input[0]:
+                    i.type.tensor_type.elem_type = dtype
+            for other in g.node:
+                for k, name in enumerate(other.input):
+                    if name == node.output[0]:
+                        other.input[k] = node.input[0]
+            g.node.remove(node)
+        elif node.op_type == "DequantizeLinear" and node.output[0] in outputs:
+            for o in g.output:
+                if o.name == node.output[0]:
+                    o.name = node.input[0]
+                    zp = next((i for i in g.initializer if i.name == node.input[2]), None)
+                    o.type.tensor_type.elem_type = zp.data_type if zp is not None else TensorProto.UINT8
+            g.node.remove(node)
+    onnx.checker.check_model(model)
+
+
+def _session(path: Path):
+    import onnxruntime as ort
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = so.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+
+
+def _feeds(session) -> dict:
+    feeds = {}
+    for i, arg in enumerate(session.get_inputs()):
+        shape = [d if isinstance(d, int) else 1 for d in arg.shape]
+        rng = np.random.default_rng(i)
+        feeds[arg.name] = rng.integers(0, 255, shape).astype(np.uint8) if "uint8" in arg.type else \
+            rng.integers(-128, 127, shape).astype(np.int8) if "int8" in arg.type else \
+            rng.standard_normal(shape).astype(np.float32)
+    return feeds
+
+
+def measure(gm: fx.GraphModule, layers, qp: dict[str, QParams], runs: int = 40) -> dict[str, tuple[float, float]]:
+    """Per layer: (fp32 ms, int8 ms), medians of alternating runs in onnxruntime."""
+    import onnx
+    from graphopt_plugins.onnx_emitter import emit
+
+    out: dict[str, tuple[float, float]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for layer in layers:
+            sessions = []
+            for variant, q in (("fp32", None), ("int8", qp)):
+                cut, inputs = _cut(gm, layer, q)
+                graph = graphopt.Graph(cut, tuple(inputs), f"{layer.node.name}_{variant}")
+                artifact = emit(graph, {"simplify": False}, Path(tmp))
+                if variant == "int8":
+                    model = onnx.load(str(artifact.path))
+                    _strip_boundaries(model)
+                    onnx.save(model, str(artifact.path))
+                session = _session(artifact.path)
+                sessions.append((session, _feeds(session)))
+            times: list[list[float]] = [[], []]
+            for r in range(runs + 5):
+                for k, (session, feeds) in enumerate(sessions):
+                    start = time.perf_counter()
+                    session.run(None, feeds)
+                    if r >= 5:
+                        times[k].append(time.perf_counter() - start)
+            out[layer.node.name] = (1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1])))
+    return out
+
+
+def time_graphs(graphs: list[fx.GraphModule], example_inputs, runs: int = 20) -> list[float]:
+    """Median onnxruntime ms of each whole graph (exported with the ONNX emitter), timed in
+    alternation: per-layer timings miss what a layer's precision does to its neighbours."""
+    from graphopt_plugins.onnx_emitter import emit
+
+    with tempfile.TemporaryDirectory() as tmp:
+        sessions = []
+        for i, gm in enumerate(graphs):
+            artifact = emit(graphopt.Graph(gm, tuple(example_inputs), f"candidate_{i}"), {}, Path(tmp))
+            session = _session(artifact.path)
+            names = [a.name for a in session.get_inputs()]
+            sessions.append((session, {n: t.numpy() for n, t in zip(names, example_inputs)}))
+        times: list[list[float]] = [[] for _ in graphs]
+        for r in range(runs + 3):
+            for k, (session, feeds) in enumerate(sessions):
+                start = time.perf_counter()
+                session.run(None, feeds)
+                if r >= 3:
+                    times[k].append(time.perf_counter() - start)
+    return [1e3 * float(np.median(t)) for t in times]
