@@ -15,6 +15,7 @@ from graphopt.emit import captured_output, write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import holds_fp16
 from graphopt_plugins import onnx_qdq
+from graphopt_plugins.quant_modules import holds_fake_quant
 
 OPTIONS = (
     Option("exporter", str, "torchscript", "torch.onnx exporter: torchscript (fast) or dynamo "
@@ -135,7 +136,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     import onnx
 
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
-    int8 = onnx_qdq.holds_fake_quant(graph.module)
+    int8 = holds_fake_quant(graph.module)
     if int8 and opts["opset"] < 13:
         raise EmitError(f"{graph.name} is quantized: its per-channel int8 weights need opset 13 or later, "
                         f"got opset={opts['opset']}")

@@ -18,11 +18,6 @@ _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 _BUFFER = re.compile(r"\.parametrizations\.(\w+)\.\d+\.(\w+)$")
 
 
-def holds_fake_quant(gm: fx.GraphModule) -> bool:
-    """Whether ``gm`` quantizes activations (fake-quant nodes from the ``quantize`` pass)."""
-    return any(is_fake_quant(n) for n in gm.graph.nodes)
-
-
 def _graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, Any]]:
     """Initializers and node producers by output name."""
     return {i.name: i for i in graph.initializer}, {o: n for n in graph.node for o in n.output}

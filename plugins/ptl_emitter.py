@@ -20,13 +20,15 @@ from graphopt.emit import write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import flatten_outputs, holds_fp16
 from graphopt_plugins import ptl_int8
+from graphopt_plugins.quant_modules import holds_fake_quant
 
 OPTIONS = (
     Option("optimize_for_mobile", bool, True, "run torch's optimize_for_mobile (needs a torch "
            "build with XNNPACK; without it the module is only frozen, and meta says why)"),
-    Option("engine", str, "x86", "torch's quantized engine for an int8 graph (one with quantize's "
-           "fake-quant nodes): x86 (oneDNN, fbgemm for depthwise convolutions), onednn or qnnpack "
-           "(ARM); recorded in the file and set when it is loaded and run", ptl_int8.ENGINES),
+    Option("engine", str, "onednn", "torch's quantized engine for an int8 graph (one with quantize's "
+           "fake-quant nodes): onednn (x86, exact with 8-bit activations), x86 (fbgemm for depthwise "
+           "convolutions, which saturates with 8-bit activations) or qnnpack (ARM); recorded in the "
+           "file and set when it is loaded and run", ptl_int8.ENGINES),
 )
 EXTRA_FILE = "graphopt.json"          # inside the archive: extra/graphopt.json
 NO_XNNPACK = "skipped: this torch build has no XNNPACK"
@@ -210,7 +212,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
     gm, outputs = _flat_module(graph)
     inputs = graph.input_specs()
-    engine = opts["engine"] if ptl_int8.holds_fake_quant(gm) else None
+    engine = opts["engine"] if holds_fake_quant(gm) else None
     recorded = {"version": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
                 "inputs": inputs} | ({"precision": "int8", "engine": engine} if engine else {})
     extra = {EXTRA_FILE: json.dumps(recorded)}

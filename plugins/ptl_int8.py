@@ -110,10 +110,6 @@ class Lowered:
                 "requantize": requantize, "dequantize": dequantize}
 
 
-def holds_fake_quant(gm: fx.GraphModule) -> bool:
-    return any(is_fake_quant(n) for n in gm.graph.nodes)
-
-
 def missing_engine(engine: str) -> str | None:
     """Why this torch build cannot run ``engine`` (None: it can)."""
     supported = torch.backends.quantized.supported_engines

@@ -69,6 +69,12 @@ def is_fake_quant(node: fx.Node) -> bool:
     return node.op == "call_function" and node.target is FAKE_QUANT
 
 
+def holds_fake_quant(gm: fx.GraphModule) -> bool:
+    """Whether ``gm`` is quantized (fake-quant nodes from the ``quantize`` pass): what makes an
+    emitter write int8."""
+    return any(is_fake_quant(n) for n in gm.graph.nodes)
+
+
 def activation_qparams(node: fx.Node) -> QParams:
     """The qparams of a fake-quant node, read from its arguments."""
     _, scale, zero_point, qmin, _ = node.args

@@ -19,6 +19,7 @@ from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
 from graphopt.emit import captured_output, write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import holds_fp16
+from graphopt_plugins.quant_modules import holds_fake_quant
 
 OPTIONS = (
     Option("precision", str, "fp32", "fp32, or fp16 weights (half the file, errors ~1e-3)",
@@ -278,8 +279,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16, which an
     fp16 graph always gets)."""
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
-    if any(n.op == "call_function" and n.target is torch.fake_quantize_per_tensor_affine
-           for n in graph.module.graph.nodes):
+    if holds_fake_quant(graph.module):
         return _emit_int8(graph, opts, out_dir)
     if opts["int8_io"]:
         raise EmitError(f"int8_io needs a quantized graph; {graph.name} is not (run quantize first)")

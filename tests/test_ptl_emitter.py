@@ -103,7 +103,7 @@ def test_registered_through_the_entry_point(registry):
     emitter = registry.emitters["ptl"]
     assert emitter.suffix == ".ptl" and emitter.missing() == []
     assert registry.owner["emitter:ptl"] == "ptl"
-    assert {o.name: o.default for o in emitter.options} == {"optimize_for_mobile": True, "engine": "x86"}
+    assert {o.name: o.default for o in emitter.options} == {"optimize_for_mobile": True, "engine": "onednn"}
     assert emitter.tolerance_for({"optimize_for_mobile": False}) == TOLERANCE
 
 
