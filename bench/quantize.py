@@ -48,7 +48,6 @@ import graphopt  # noqa: E402
 from graphopt.bench import BenchRow, Subject, bench  # noqa: E402
 from graphopt.driver import RunResult, optimize  # noqa: E402
 from graphopt.emit import Artifact, captured_output  # noqa: E402
-from graphopt.errors import first_line  # noqa: E402
 from graphopt.graph import flatten_outputs  # noqa: E402
 from graphopt.metrics import Metrics, compare  # noqa: E402
 from graphopt.modelspec import example_inputs  # noqa: E402
@@ -111,10 +110,14 @@ def _facts(fmt: str, path: Path) -> str:
     if fmt == "tflite":
         return _tflite_facts(path)
     from torch.jit.mobile import _export_operator_list, _load_for_lite_interpreter
+
+    from graphopt_plugins.ptl_emitter import _recorded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ops = _export_operator_list(_load_for_lite_interpreter(str(path)))
-    return "ops: " + ", ".join(sorted(ops))
+    int8 = any(op.startswith("quantized::") for op in ops)
+    engine = _recorded(path).get("engine", "x86 (set by this bench)") if int8 else None
+    return (f"quantized engine {engine}; " if engine else "") + "ops: " + ", ".join(sorted(ops))
 
 
 def _by_dtype(sizes: dict[str, int], total: int) -> str:
@@ -188,7 +191,7 @@ def _peer(name: str, fmt: str, make, threads: int, stage: Path) -> Variant:
     try:
         path, runner = make(stage, threads)
     except Exception as exc:   # a peer that fails is a result, not the end of the run
-        v.error = f"{type(exc).__name__}: {' '.join(first_line(exc).split())[:600]}"
+        v.error = f"{type(exc).__name__}: {' '.join(str(exc).split())[:600]}"
         print(f"{v.label} failed: {v.error}", flush=True)
         return v
     v.subject = Subject(v.label, fmt, runner, path, path.stat().st_size, baseline=f"{fmt} fp32")
@@ -281,14 +284,16 @@ def _tf_converter_peer(fp32: RunResult, calibration, registry):
         ops, custom = te.operators(data)
         if custom:
             raise RuntimeError(f"uses Flex/custom ops {', '.join(custom)}, which LiteRT's interpreter cannot run")
-        specs_in, specs_out = te._specs(data, onnx_artifact.meta, graph, False)
         path = stage / f"{graph.name}_tf_int8.tflite"
-        path.write_bytes(te._with_metadata(data, {"graphopt": "bench peer", "pipeline": "TF converter int8",
-                                                  "inputs": specs_in, "outputs": specs_out}))
-        try:
+        path.write_bytes(data)
+        try:   # when LiteRT refuses the file, say which scales the converter gave
+            specs_in, specs_out = te._specs(data, onnx_artifact.meta, graph, False)
+            path.write_bytes(te._with_metadata(data, {"graphopt": "bench peer", "pipeline": "TF converter int8",
+                                                      "inputs": specs_in, "outputs": specs_out}))
             return path, registry.emitters["tflite"].load(Artifact("tflite", path), threads=threads)
         except Exception as exc:
-            raise RuntimeError(f"{first_line(exc)}{_absurd_scales(path)}") from exc
+            text = " ".join(str(exc).split()).replace(str(path), path.name)
+            raise RuntimeError(f"{text}{_absurd_scales(path)}") from exc
     return make
 
 
@@ -386,8 +391,8 @@ def _verdicts(variants: list[Variant]) -> str:
                  f"{ours.speedup:.2f}x the speed of fp32 ({'faster' if ours.speedup > 1 else 'NOT faster'})"]
         if peer.row is not None:
             ratio = peer.row.median_ms / ours.median_ms
-            parts.append(f"{ratio:.2f}x the speed of the peer "
-                         f"({'at least as fast' if ratio >= 1 else 'slower'}; peer {peer.row.median_ms:.2f} ms, "
+            verdict = "at least as fast" if ratio >= 1 else f"slower by {ours.median_ms / peer.row.median_ms - 1:.0%}"
+            parts.append(f"{ratio:.2f}x the speed of the peer ({verdict}; peer {peer.row.median_ms:.2f} ms, "
                          f"size {peer.row.bytes / fp32.bytes:.3f}x)")
         else:
             parts.append("peer failed")
@@ -435,6 +440,8 @@ def _plot(per_model: dict[str, list[Variant]], path: Path, threads: int) -> None
             ax.errorbar(r.bytes / 2**20, r.median_ms, yerr=[[r.median_ms - r.p10_ms], [r.p90_ms - r.median_ms]],
                         fmt=markers.get(v.variant, markers[PEER]), color=colours[v.format], capsize=3,
                         markersize=9 if v.variant == SPEED else 7, mfc="none" if v.variant == "fp32" else None)
+        target = next(v.row.bytes for v in timed if v.variant == "fp32") * TARGET_SIZE / 2**20
+        ax.axvline(target, color="grey", ls=":", lw=1)
         ax.set_title(name)
         ax.set_xlabel("size on disk (MiB)")
         ax.set_ylabel(f"latency, median ms ({threads} thread(s), p10-p90 bars)")
@@ -442,6 +449,7 @@ def _plot(per_model: dict[str, list[Variant]], path: Path, threads: int) -> None
         ax.set_ylim(bottom=0)
         ax.grid(alpha=0.3)
     handles = [Line2D([], [], color=c, marker="o", ls="none", label=f) for f, c in colours.items()]
+    handles.append(Line2D([], [], color="grey", ls=":", lw=1, label=f"{TARGET_SIZE}x the fp32 size"))
     handles += [Line2D([], [], color="grey", marker=m, ls="none", mfc="none" if v == "fp32" else None,
                        label="each runtime's own int8 pipeline" if v == PEER else v)
                 for v, m in markers.items()]
@@ -529,12 +537,13 @@ def main() -> None:
                 f"Peers: onnx = onnxruntime `quantize_static` on graphopt's fp32 .onnx (QDQ, per-channel, "
                 f"QUInt8 activations, QInt8 weights, MinMax); ptl = torch.ao FX `prepare_fx`/`convert_fx` "
                 f"with `get_default_qconfig_mapping(\"x86\")`, traced, frozen, lite interpreter on the x86 "
-                f"engine; tflite = TF's converter integer quantization as onnx2tf's `integer_quant` "
+                f"engine (graphopt's int8 .ptl runs on the engine its emitter recorded, listed per model); tflite = TF's converter integer quantization as onnx2tf's `integer_quant` "
                 f"(`optimizations=[DEFAULT]`, `TFLITE_BUILTINS_INT8`+`SELECT_TF_OPS`, float I/O) of the Keras "
                 f"model onnx2tf builds for graphopt's fp32 .tflite. All calibrate on the same {CALIBRATION} "
                 f"seeded N(0,1) inputs; cosine and top-1 agreement are against the eager fp32 model on "
                 f"{HELD_OUT} other seeded N(0,1) inputs (random weights and inputs: agreement, not accuracy). "
-                f"Speed vs fp32 > 1 is faster. Sizes are bytes on disk.\n"]
+                f"Speed vs fp32 > 1 is faster. Sizes are bytes on disk. `prefer=speed` decides from timings it "
+                f"takes on this machine, so which layers it keeps in fp32 can change from run to run.\n"]
     per_model = {}
     for name in names:
         per_model[name], section = bench_model(name, registry, args, calibration, held_out)
