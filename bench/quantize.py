@@ -267,14 +267,7 @@ def _tf_converter_peer(fp32: RunResult, calibration, registry):
             shutil.rmtree(work, ignore_errors=True)
         output_names = [v["name"] for v in onnx_artifact.meta["outputs"]]
 
-        def named(*xs):
-            return dict(zip(output_names, tf.nest.flatten(model(list(xs)))))
-
-        function = tf.function(named, input_signature=[tf.TensorSpec(t.shape, t.dtype, t.name)
-                                                       for t in model.inputs])
-        owner = tf.Module()
-        owner.weights = list(model.weights)
-        converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], owner)
+        converter = te.converter_for(model, output_names)
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8, tf.lite.OpsSet.SELECT_TF_OPS]
         converter.representative_dataset = lambda: ([x.permute(0, 2, 3, 1).numpy()] for x in calibration)

@@ -131,15 +131,21 @@ def measure(gm: fx.GraphModule, layers, qp: dict[str, QParams], runs: int = 40) 
                     onnx.save(model, str(artifact.path))
                 session = _session(artifact.path)
                 sessions.append((session, _feeds(session)))
-            times: list[list[float]] = [[], []]
-            for r in range(runs + 5):
-                for k, (session, feeds) in enumerate(sessions):
-                    start = time.perf_counter()
-                    session.run(None, feeds)
-                    if r >= 5:
-                        times[k].append(time.perf_counter() - start)
-            out[layer.node.name] = (1e3 * float(np.median(times[0])), 1e3 * float(np.median(times[1])))
+            fp32, int8 = _medians(sessions, runs)
+            out[layer.node.name] = (fp32, int8)
     return out
+
+
+def _medians(sessions: list, runs: int, warmup: int = 5) -> list[float]:
+    """Median ms of each ``(session, feeds)``, one call of each per round."""
+    times: list[list[float]] = [[] for _ in sessions]
+    for r in range(runs + warmup):
+        for k, (session, feeds) in enumerate(sessions):
+            start = time.perf_counter()
+            session.run(None, feeds)
+            if r >= warmup:
+                times[k].append(time.perf_counter() - start)
+    return [1e3 * float(np.median(t)) for t in times]
 
 
 def time_graphs(graphs: list[fx.GraphModule], example_inputs, runs: int = 20) -> list[float]:
@@ -154,11 +160,4 @@ def time_graphs(graphs: list[fx.GraphModule], example_inputs, runs: int = 20) ->
             session = _session(artifact.path)
             names = [a.name for a in session.get_inputs()]
             sessions.append((session, {n: t.numpy() for n, t in zip(names, example_inputs)}))
-        times: list[list[float]] = [[] for _ in graphs]
-        for r in range(runs + 3):
-            for k, (session, feeds) in enumerate(sessions):
-                start = time.perf_counter()
-                session.run(None, feeds)
-                if r >= 3:
-                    times[k].append(time.perf_counter() - start)
-    return [1e3 * float(np.median(t)) for t in times]
+        return _medians(sessions, runs, warmup=3)

@@ -98,9 +98,9 @@ def _to_keras(onnx_path: Path, graph: graphopt.Graph, keep: list[str], work: Pat
         os.chdir(cwd)
 
 
-def _to_tflite(model: Any, output_names: list[str], precision: str, name: str) -> bytes:
-    """The .tflite bytes of the Keras model, TFLite builtin ops only, with a signature whose
-    inputs and outputs carry the ONNX names."""
+def converter_for(model: Any, output_names: list[str]) -> Any:
+    """A TFLite converter of the Keras model whose signature's inputs and outputs carry the
+    ONNX names (the emitter's, and bench peers' that set their own options)."""
     import tensorflow as tf
 
     def named(*inputs):
@@ -112,7 +112,14 @@ def _to_tflite(model: Any, output_names: list[str], precision: str, name: str) -
     # TF would serialize to JSON, constants and all (4 minutes for ResNet-18): its weights only.
     owner = tf.Module()
     owner.weights = list(model.weights)
-    converter = tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], owner)
+    return tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], owner)
+
+
+def _to_tflite(model: Any, output_names: list[str], precision: str, name: str) -> bytes:
+    """The .tflite bytes of the Keras model, TFLite builtin ops only."""
+    import tensorflow as tf
+
+    converter = converter_for(model, output_names)
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if precision == "fp16":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
