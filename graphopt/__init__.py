@@ -7,6 +7,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
+from .backends import Backend, NodeInfo
 from .capture import capture
 from .emit import Artifact, Emitter
 from .errors import (CaptureError, EmitError, GraphoptError, PassError, PipelineError,
@@ -21,8 +22,8 @@ from .passmanager import PassRecord, PipelineRun, run_pipeline
 from .driver import RunResult, optimize
 
 __all__ = [
-    "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
-    "Metrics", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
+    "Artifact", "Backend", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
+    "Metrics", "NodeInfo", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
     "Pipeline", "PipelineError", "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance",
     "UsageError", "VerificationError", "capture", "compare", "hookimpl", "load_plugins",
     "optimize", "parse_pipeline", "run_pipeline",

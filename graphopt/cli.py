@@ -1,4 +1,4 @@
-"""The driver: ``graphopt run|passes|emitters|verify|golden|demo``.
+"""The driver: ``graphopt run|passes|emitters|backends|verify|golden|bench|demo``.
 
 Exit codes: 0 success; 1 the run finished but something did not verify; 2 bad input or
 any other GraphoptError (one line on stderr, traceback only with --debug).
@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 from typing import Sequence
 
 from .errors import GraphoptError, UsageError
@@ -50,6 +49,10 @@ def build_parser() -> argparse.ArgumentParser:
                      "input name (or one array), samples along the first dim")
     run.add_argument("--pipeline", help="pass pipeline, e.g. cleanup,fold-bn (default: the default pipeline)")
     run.add_argument("--emit", default="onnx", help="comma-separated formats (see graphopt emitters)")
+    run.add_argument("--target", metavar="BACKEND",
+                     help="partition for this backend (see graphopt backends): appends partition(backend=BACKEND) "
+                          "to the pipeline unless it has a partition item, prints where each node runs and why, "
+                          "and writes partition.dot/.svg/.png into --out")
     run.add_argument("--out", default="out", help="output directory for artifacts (default: out)")
     run.add_argument("--report", help="write the report JSON here")
     run.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
@@ -79,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     sub.add_parser("passes", parents=[common], help="list the registered passes")
     sub.add_parser("emitters", parents=[common], help="list the registered output formats")
+    sub.add_parser("backends", parents=[common], help="list the registered backends (targets of --target)")
 
     verify = sub.add_parser("verify", parents=[common], help="run artifacts in their runtimes against golden outputs")
     verify.add_argument("artifacts", nargs="+", help="artifact files (format from the suffix)")

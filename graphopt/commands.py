@@ -31,18 +31,50 @@ def _option_hint(key: str) -> str:
                                             f"data={{{key!r}: ...}}) from Python")
 
 
+def _with_target(pipeline: str, target: str, registry: Registry) -> str:
+    """``pipeline`` partitioning for ``target``: its ``partition`` items (given the backend
+    when they name none), else ``partition(backend=TARGET)`` appended."""
+    from .pipeline import Pipeline, PipelineItem, parse_pipeline
+    if target not in registry.backends:
+        raise UsageError(f"unknown backend {target!r} for --target; known: "
+                         f"{', '.join(sorted(registry.backends)) or 'none'} (see graphopt backends)")
+    items = list(parse_pipeline(pipeline).items) if pipeline.strip() else []
+    found = False
+    for i, item in enumerate(items):
+        if item.name != "partition":
+            continue
+        found = True
+        named = dict(item.options).get("backend")
+        if named not in (None, target):
+            raise UsageError(f"--target {target} disagrees with {item} in the pipeline; give the backend once")
+        items[i] = PipelineItem(item.name, item.options + ((("backend", target),) if named is None else ()))
+    if not found:
+        items.append(PipelineItem("partition", (("backend", target),)))
+    return str(Pipeline(tuple(items)))
+
+
+def _placement_files() -> list[str]:
+    """The pictures ``run --target`` writes (.svg and .png only when matplotlib is there)."""
+    import importlib.util
+    drawn = ["partition.svg", "partition.png"] if importlib.util.find_spec("matplotlib") else []
+    return ["partition.dot", *drawn]
+
+
 def cmd_run(args, registry: Registry) -> int:
     from .driver import check_out_dir, optimize, select_emitters
     from .emit import write_json_atomic
     from .modelspec import example_inputs, load_calibration, load_model, load_train_function, parse_shape
     from .passmanager import check_needs
     from .pipeline import parse_pipeline, resolve
+    from .placement import compatibility_table, render, summary_table
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
     formats = select_emitters(registry, args.emit)
-    out = check_out_dir(Path(args.out)) if formats else None
+    out = check_out_dir(Path(args.out)) if formats or args.target else None
     report_path = _check_report_path(args.report)
     pipeline = args.pipeline if args.pipeline is not None else registry.default_pipeline()
+    if args.target:
+        pipeline = _with_target(pipeline, args.target, registry)
     data = {"train": load_train_function(args.train)} if args.train else {}
     if args.calib:
         data["calibration"] = None                 # read below, once the model is loaded
@@ -61,12 +93,29 @@ def cmd_run(args, registry: Registry) -> int:
         ui.print(f"[bold]--- IR after {name} ---[/bold]")
         ui.out.print(code, markup=False) if not ui.quiet else None
 
+    placements: list[dict] = []
+
+    def show_placement(record) -> None:   # as soon as partition ran, before anything is emitted
+        if args.target and record.name.split("(")[0] == "partition":
+            placements.append(record.stats)
+            ui.print(compatibility_table(record.stats))
+            ui.print(summary_table(record.stats))
+
     with ui.progress("starting") as progress:
         result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
                           model_spec=args.model, name=args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
                           leaf_modules=args.leaf_module, data=data, print_ir_after=args.print_ir_after,
-                          on_ir=show_ir, progress=progress)
+                          on_ir=show_ir, on_pass=show_placement, progress=progress)
     report = result.report
+    if placements and result.ok:
+        out.mkdir(parents=True, exist_ok=True)
+        files = _placement_files()
+        for name in files:
+            render(placements[-1], out / name)
+        ui.print(f"{', '.join(files)} in {out}/")
+        if len(files) == 1 and not ui.quiet:
+            ui.err.print("graphopt: no partition.svg/.png without matplotlib; pip install 'graphopt[plot]'",
+                         markup=False)
     bench_rows = []
     if args.bench and result.ok:
         bench_rows = _bench_run(args, result, model, registry, ui)
@@ -132,6 +181,27 @@ def cmd_emitters(args, registry: Registry) -> int:
         t.add_row(e.format, e.suffix, e.description, "\n".join(o.describe() for o in e.options) or "-",
                   "yes" if r["available"] else f"no: needs {', '.join(r['missing'])}")
     Ui(args.quiet).print(t)
+    return EXIT_OK
+
+
+def cmd_backends(args, registry: Registry) -> int:
+    rows = [{"name": b.name, "description": b.description, "dtypes": sorted(b.dtypes), "ops": sorted(b.ops),
+             "cost": b.cost, "fallback": b.fallback, "reference": b.reference,
+             "plugin": registry.owner[f"backend:{b.name}"]}
+            for b in sorted(registry.backends.values(), key=lambda b: b.name)]
+    if args.json:
+        dump_json({"backends": rows})
+        return EXIT_OK
+    ui = Ui(args.quiet)
+    t = Table(title="backends", title_justify="left")
+    for col in ("name", "dtypes", "op kinds", "cost", "description", "plugin"):
+        t.add_column(col, justify="right" if col in ("op kinds", "cost") else "left")
+    for r in rows:
+        t.add_row(r["name"], ", ".join(r["dtypes"]), "all" if r["fallback"] else str(len(r["ops"])),
+                  f"{r['cost']:g}", r["description"], r["plugin"])
+    ui.print(t)
+    ui.print("cost: time per MAC relative to the cpu; graphopt run MODEL ... --target NAME shows where each "
+             "node runs")
     return EXIT_OK
 
 

@@ -7,6 +7,7 @@ fills the ones every pass may rely on: ``graphopt.shape``, ``graphopt.dtype`` an
 from __future__ import annotations
 
 import copy
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
 
@@ -56,12 +57,26 @@ class Graph:
     def stats(self) -> dict:
         """Nodes (ops that compute), parameters, MACs and bytes of weights and buffers."""
         gm = self.module
-        nodes = sum(1 for n in gm.graph.nodes if n.op in ("call_module", "call_function", "call_method"))
+        nodes = _compute_nodes(gm)
         tensors = list(gm.state_dict().values())
         params = sum(p.numel() for p in gm.parameters())
         nbytes = sum(t.numel() * t.element_size() for t in tensors)
         macs = sum(int(n.meta.get("graphopt.macs", 0)) for n in gm.graph.nodes)
         return {"nodes": nodes, "params": params, "macs": macs, "bytes": nbytes}
+
+
+def _compute_nodes(gm: fx.GraphModule) -> int:
+    """Nodes that compute, those inside nested graphs (partitions) counted one by one."""
+    nested = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"
+              and isinstance(gm.get_submodule(n.target), fx.GraphModule)}
+    total = 0
+    for n in gm.graph.nodes:
+        if n in nested:
+            total += _compute_nodes(nested[n])
+        elif n.op in ("call_module", "call_method") or n.op == "call_function" and not (
+                n.target is operator.getitem and n.args[0] in nested):   # a nested graph's outputs
+            total += 1
+    return total
 
 
 def holds_fp16(gm: nn.Module) -> bool:
@@ -111,13 +126,18 @@ class _Annotator(fx.Interpreter):
         self._record = record
 
     def run_node(self, n: fx.Node) -> Any:
-        result = super().run_node(n)
-        args, _ = self.fetch_args_kwargs_from_env(n)
+        args, kwargs = self.fetch_args_kwargs_from_env(n)
         module = self.module.get_submodule(n.target) if n.op == "call_module" else None
+        if isinstance(module, fx.GraphModule) and not kwargs:   # a nested graph (a partition): its nodes too
+            result = _Annotator(module).run(*args)
+            macs = sum(int(m.meta.get("graphopt.macs", 0)) for m in module.graph.nodes)
+        else:
+            result = super().run_node(n)
+            macs = _macs(n, module, args, result)
         if isinstance(result, torch.Tensor):
             n.meta["graphopt.shape"] = tuple(result.shape)
             n.meta["graphopt.dtype"] = str(result.dtype).replace("torch.", "")
-        n.meta["graphopt.macs"] = _macs(n, module, args, result)
+        n.meta["graphopt.macs"] = macs
         if self._record is not None:
             self._record(n, result)
         return result

@@ -28,3 +28,12 @@ def graphopt_register_emitters() -> list:
 
     Every plugin's list is collected. Format names must be unique across all plugins.
     """
+
+
+@hookspec
+def graphopt_register_backends() -> list:
+    """Receives nothing; returns a list of :class:`graphopt.Backend` (targets of the
+    ``partition`` pass: which ops, dtypes and shapes a runtime or accelerator takes).
+
+    Every plugin's list is collected. Backend names must be unique across all plugins.
+    """

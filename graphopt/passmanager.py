@@ -144,7 +144,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
     done: list[str] = []
     for (spec, options), item in zip(steps, pipe.items):
         work = copy.deepcopy(current.module)
-        ctx = PassContext(options=options, graph=current.replace(work), data=data)
+        ctx = PassContext(options=options, graph=current.replace(work), data=data, backends=registry.backends)
         start = time.perf_counter()
         try:
             result = spec.run(work, ctx)

@@ -11,12 +11,9 @@ from __future__ import annotations
 import difflib
 import re
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from .errors import PipelineError
-
-if TYPE_CHECKING:
-    from .passes import Pass
 
 _TOKEN = re.compile(r'\s*(?:(?P<punct>[(),=])|"(?P<quoted>[^"]*)"|(?P<word>[^\s(),="]+))')
 

@@ -1,4 +1,4 @@
-"""Plugin discovery and the registry of passes and emitters.
+"""Plugin discovery and the registry of passes, emitters and backends.
 
 Plugins come from the entry-point group ``graphopt`` (built-ins and third-party packages
 alike) and from ``--plugin PATH.py|module``; ``-p no:NAME`` blocks one by name.
@@ -17,6 +17,7 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
+from .backends import Backend
 from .emit import Emitter
 from .errors import PluginError
 from .passes import Pass
@@ -38,7 +39,8 @@ class Registry:
     plugins: list[PluginInfo] = field(default_factory=list)
     passes: dict[str, Pass] = field(default_factory=dict)
     emitters: dict[str, Emitter] = field(default_factory=dict)
-    owner: dict[str, str] = field(default_factory=dict)   # "pass:NAME" / "emitter:FMT" -> plugin
+    backends: dict[str, Backend] = field(default_factory=dict)
+    owner: dict[str, str] = field(default_factory=dict)   # "pass:NAME" / "emitter:FMT" / "backend:NAME" -> plugin
 
     def default_pipeline(self) -> str:
         """Passes that declare a ``default_order``, in that order."""
@@ -100,7 +102,7 @@ def _collect(reg: Registry, hook: str, kind: type, key: str) -> dict[str, Any]:
 
 def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
                  entry_points: bool = True) -> Registry:
-    """Discover, import and validate plugins; returns the registry of passes and emitters."""
+    """Discover, import and validate plugins; returns the registry of passes, emitters and backends."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     blocked = list(blocked)
@@ -154,4 +156,5 @@ def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
                           f"{', '.join(sorted(n for n, h in vars(pm.hook).items() if h.spec))}") from exc
     reg.passes = _collect(reg, "graphopt_register_passes", Pass, "name")
     reg.emitters = _collect(reg, "graphopt_register_emitters", Emitter, "format")
+    reg.backends = _collect(reg, "graphopt_register_backends", Backend, "name")
     return reg

@@ -14,10 +14,21 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from graphopt.backends import module_kinds
+
+
+def _kinds(layer: str, module: nn.Module) -> tuple[str, ...]:
+    """What a fused layer computes, in the op kinds of graphopt.backends."""
+    parts = (module.bn, module.act)
+    return (layer, *(k for m in parts if not isinstance(m, nn.Identity) for k in module_kinds(m)))
+
 
 class _FusedConv:
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(self._conv_forward(x, self.weight, self.bias)))
+
+    def graphopt_kinds(self) -> tuple[str, ...]:
+        return _kinds(f"conv{len(self.kernel_size)}d", self)
 
 
 class FusedConv1d(_FusedConv, nn.Conv1d):
@@ -38,12 +49,18 @@ class FusedLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.act(self.bn(F.linear(x, self.weight, self.bias)))
 
+    def graphopt_kinds(self) -> tuple[str, ...]:
+        return _kinds("linear", self)
+
 
 class AddReLU(nn.Module):
     """``relu(a + b)``, the ReLU in place on the sum."""
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         return torch.relu_(a + b)
+
+    def graphopt_kinds(self) -> tuple[str, ...]:
+        return ("add", "relu")
 
 
 FUSED = {nn.Conv1d: FusedConv1d, nn.Conv2d: FusedConv2d, nn.Conv3d: FusedConv3d, nn.Linear: FusedLinear}

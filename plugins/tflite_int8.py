@@ -10,54 +10,14 @@ litert-torch==0.10.0.
 from __future__ import annotations
 
 import contextlib
-import copy
 from typing import Sequence
 
 import torch
-import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.quantized_decomposed
-from torch import fx, nn
+from torch import fx
 from torch.nn.utils import parametrize
 
-QD = torch.ops.quantized_decomposed
-
-
-def _int8(scale: float, zero_point: int, qmin: int, qmax: int) -> tuple[float, int]:
-    """(scale, zero point) of a uint8 0..255 or int8 -128..127 fake quant, in int8 terms."""
-    if (qmin, qmax) == (0, 255):
-        return float(scale), int(zero_point) - 128
-    if (qmin, qmax) == (-128, 127):
-        return float(scale), int(zero_point)
-    raise ValueError(f"fake quant range {qmin}..{qmax} is neither uint8 0..255 nor int8 -128..127")
-
-
-class QDQWeight(nn.Module):
-    """Stands in for a WeightFakeQuant parametrization: the same per-channel numbers, as the
-    quantize_per_channel/dequantize_per_channel pair the LiteRT converter folds into int8 weights."""
-
-    def __init__(self, fq: nn.Module):
-        super().__init__()
-        self.register_buffer("scale", fq.scale.detach().float())
-        self.register_buffer("zero_point", fq.zero_point.detach().to(torch.int64))
-        self.axis = int(getattr(fq, "axis", 0))
-        self.qmin, self.qmax = int(getattr(fq, "quant_min", -128)), int(getattr(fq, "quant_max", 127))
-
-    def forward(self, w):
-        args = (self.scale, self.zero_point, self.axis, self.qmin, self.qmax, torch.int8)
-        return QD.dequantize_per_channel(QD.quantize_per_channel(w, *args), *args)
-
-
-def _swap_weight_fake_quants(gm: nn.Module) -> None:
-    for module in gm.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            chain = module.parametrizations.weight
-            if len(chain) != 1 or not hasattr(chain[0], "scale"):
-                raise ValueError(f"{type(module).__name__}.weight: expected one WeightFakeQuant parametrization")
-            chain[0] = QDQWeight(chain[0])
-
-
-def _is_fake_quant(n: fx.Node) -> bool:
-    return n.op == "call_function" and n.target in (
-        torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
+from graphopt_plugins import quant_qdq
+from graphopt_plugins.quant_qdq import is_fake_quant
 
 
 def _perm(rank: int) -> list[int]:
@@ -72,18 +32,8 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     [{name, layout}]}. ``channels_last``: 3-5-D inputs and outputs channels-last (NHWC)."""
     with torch.no_grad():
         ranks = [t.dim() for t in torch.utils._pytree.tree_flatten(gm(*example_inputs))[0]]
-    gm = copy.deepcopy(gm)
-    _swap_weight_fake_quants(gm)
+    gm, _ = quant_qdq.to_qdq(gm)
     g = gm.graph
-    for n in list(g.nodes):
-        if _is_fake_quant(n):
-            x, scale, zp, qmin, qmax = n.args
-            args = (*_int8(scale, zp, qmin, qmax), -128, 127, torch.int8)
-            with g.inserting_before(n):
-                q = g.call_function(QD.quantize_per_tensor.default, (x, *args))
-                dq = g.call_function(QD.dequantize_per_tensor.default, (q, *args))
-            n.replace_all_uses_with(dq)
-            g.erase_node(n)
 
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     samples, io = {}, {"inputs": [], "outputs": []}
@@ -172,7 +122,7 @@ def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
     the fake quants' scales, weights with the per-channel WeightFakeQuant scales."""
     from ai_edge_litert.interpreter import Interpreter
 
-    ours = sorted({float(n.args[1]) for n in gm.graph.nodes if _is_fake_quant(n)})
+    ours = sorted({float(n.args[1]) for n in gm.graph.nodes if is_fake_quant(n)})
     weights = [m.parametrizations.weight[0].scale.double().numpy() for m in gm.modules()
                if parametrize.is_parametrized(m, "weight")]
     checked, worst, unmatched = 0, 0.0, 0

@@ -13,8 +13,8 @@ def test_demo_trains_caches_emits_and_scores_every_format(capsys, tmp_path, monk
     assert report["ok"] and report["pipeline"] == DEMO_PIPELINE
     rows = {r["format"]: r for r in report["demo"]["formats"]}
     # pruned, fine-tuned and quantized: one int8 artifact per format, under half the graph's bytes
-    assert set(rows) == {"pytorch", "fx graph", "onnx int8", "ptl int8", "tflite int8"}
-    for fmt in ("onnx int8", "ptl int8", "tflite int8"):
+    assert set(rows) == {"pytorch", "fx graph", "onnx int8", "ptl int8", "tflite int8", "pte int8"}
+    for fmt in ("onnx int8", "ptl int8", "tflite int8", "pte int8"):
         assert rows[fmt]["bytes"] < 0.6 * rows["fx graph"]["bytes"], fmt
     assert report["demo"]["held_out"] == 450
     # pruned to half its channels and fine-tuned: within 1.5 points of the unpruned model;

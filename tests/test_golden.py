@@ -2,7 +2,6 @@ import json
 import shutil
 
 import pytest
-import torch
 
 from graphopt.cli import main
 from graphopt.golden import GRAPH, GoldenCase, Manifest, check, record

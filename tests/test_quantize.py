@@ -14,7 +14,6 @@ from torch.nn.utils import parametrize
 from conftest import ROOT
 from graphopt.capture import capture
 from graphopt.errors import PassError
-from graphopt.metrics import compare
 from graphopt.passmanager import run_pipeline
 from graphopt_plugins.quant_modules import activation_qparams, is_fake_quant, weight_quant
 from graphopt_plugins.quant_observers import OBSERVERS, Observer, qparams
