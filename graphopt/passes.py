@@ -123,6 +123,7 @@ class Pass:
     needs: tuple[str, ...] = ()          # keys the pass reads from ctx.data, e.g. "calibration"
     oracle: Oracle | None = None          # STRUCTURAL passes: expected outputs of the new graph
     default_order: int | None = None      # position in the default pipeline; None: not in it
+    tolerance: Tolerance | None = None    # verify-each tolerance when tighter than its effect's
 
     def option(self, name: str) -> Option | None:
         return next((o for o in self.options if o.name == name), None)

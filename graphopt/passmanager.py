@@ -96,9 +96,12 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequ
 
 
 def _tolerance(spec: Pass, gm: fx.GraphModule) -> Tolerance:
-    """The pass's tolerance; an exact rewrite of a graph already in fp16 (weights or buffers)
-    is judged at fp16 tolerance, since fp16 rounding of a re-associated sum is not its fault."""
-    return Effect.FP16.tolerance if spec.effect is Effect.EXACT and holds_fp16(gm) else spec.effect.tolerance
+    """The pass's tolerance (its own, else its effect's); an exact rewrite of a graph already in
+    fp16 (weights or buffers) is judged at fp16 tolerance, since fp16 rounding of a re-associated
+    sum is not its fault."""
+    if spec.effect is Effect.EXACT and holds_fp16(gm):
+        return Effect.FP16.tolerance
+    return spec.tolerance or spec.effect.tolerance
 
 
 def _fail(spec: Pass, done: list[str], message: str, node: str | None = None) -> PassError:

@@ -94,7 +94,9 @@ def _members(report: dict) -> dict[str, list[dict]]:
 
 
 def _label(node: dict) -> str:
-    return node["name"] + "\n" + ", ".join(node["kinds"])
+    """The node's name and, when the name does not already say it, its op kinds."""
+    kinds = ", ".join(node["kinds"])
+    return node["name"] if node["name"].rstrip("_0123456789") == kinds else f"{node['name']}\n{kinds}"
 
 
 def _q(text: str) -> str:

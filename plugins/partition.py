@@ -15,7 +15,7 @@ from typing import Sequence
 import torch.fx as fx
 
 import graphopt
-from graphopt import Effect, Option, Pass, PassContext, PassResult
+from graphopt import Effect, Option, Pass, PassContext, PassResult, Tolerance
 from graphopt.backends import Backend, NodeInfo
 from graphopt.errors import UsageError
 from graphopt_plugins.partition_capability import node_infos
@@ -160,6 +160,7 @@ PARTITION = Pass(
     description="Split the graph into maximal cycle-free partitions a backend supports, one submodule each",
     run=run,
     effect=Effect.EXACT,
+    tolerance=Tolerance(max_rel=1e-6),     # it only moves nodes into submodules
     options=(
         Option("backend", str, "xnnpack", "backend to partition for (graphopt backends lists them)"),
         Option("min_size", int, 1, "fewest non-trivial nodes a partition must hold to be delegated"),

@@ -62,6 +62,8 @@ REG = Registry(pluggy.PluginManager("graphopt"), passes={p.name: p for p in [
          oracle=lambda before, after, ctx: [o * 0.5 for o in graphopt.Graph(before, ctx.example_inputs).run()]),
     Pass("halve-bad-oracle", "structural, oracle disagrees", _halve_output, Effect.STRUCTURAL,
          oracle=lambda before, after, ctx: graphopt.Graph(before, ctx.example_inputs).run()),
+    Pass("perturb-strict", "scale conv2 weights, judged at 1e-9", _perturb_conv2,
+         options=(Option("eps", float, 0.01, "scale - 1"),), tolerance=graphopt.Tolerance(max_rel=1e-9)),
     Pass("boom", "raises", _raise),
     Pass("needs-calib", "needs data", _noop, needs=("calibration",)),
 ]})
@@ -92,6 +94,12 @@ def test_divergence_through_a_new_node_names_it(graph):
 def test_tiny_change_within_tolerance_passes(graph):
     run = graphopt.run_pipeline(graph, "perturb(eps=1e-9)", REG)
     assert run.records[0].verified and run.records[0].modified
+
+
+def test_a_pass_may_ask_for_a_tighter_tolerance_than_its_effect(graph):
+    assert graphopt.run_pipeline(graph, "perturb(eps=1e-6)", REG).records[0].verified
+    with pytest.raises(PassError, match="perturb-strict .* beyond its exact tolerance"):
+        graphopt.run_pipeline(graph, "perturb-strict(eps=1e-6)", REG)
 
 
 def test_failed_pass_leaves_the_input_graph_untouched(graph):
