@@ -27,6 +27,7 @@ from graphopt import EmitError
 from graphopt.emit import captured_output
 from graphopt.errors import first_line
 from graphopt_plugins import quant_qdq
+from graphopt_plugins.quant_modules import is_fake_quant
 
 BACKEND = "xnnpack"
 MARK = "graphopt.partition"
@@ -84,7 +85,7 @@ def _cpu_in_float(gm: fx.GraphModule, names: list[str]) -> int:
             for m in gm.get_submodule(n.target).modules():
                 if parametrize.is_parametrized(m, "weight"):
                     parametrize.remove_parametrizations(m, "weight", leave_parametrized=True)
-        elif quant_qdq.is_fake_quant(n):
+        elif is_fake_quant(n):
             with gm.graph.inserting_before(n):
                 n.replace_all_uses_with(gm.graph.call_function(_fake_quant_in_float, n.args))
             gm.graph.erase_node(n)

@@ -66,7 +66,9 @@ def insert_fake_quant(gm: fx.GraphModule, value: fx.Node, q: QParams) -> fx.Node
 
 
 def is_fake_quant(node: fx.Node) -> bool:
-    return node.op == "call_function" and node.target is FAKE_QUANT
+    """A per-tensor fake quant: torch's function (graphopt's graphs) or its aten op (exported ones)."""
+    return node.op == "call_function" and node.target in (
+        FAKE_QUANT, torch.ops.aten.fake_quantize_per_tensor_affine.default)
 
 
 def holds_fake_quant(gm: fx.GraphModule) -> bool:

@@ -11,7 +11,7 @@ import torch.ao.quantization.fx._decomposed  # noqa: F401  registers torch.ops.q
 from torch import fx, nn
 from torch.nn.utils import parametrize
 
-from graphopt_plugins.quant_modules import weight_quant
+from graphopt_plugins.quant_modules import is_fake_quant, weight_quant
 
 QD = torch.ops.quantized_decomposed
 QUANTIZE = (QD.quantize_per_tensor.default, QD.quantize_per_channel.default)
@@ -65,12 +65,6 @@ def swap_weight_fake_quants(gm: nn.Module, int8_weights: bool = False) -> None:
                 chain[0] = DQWeight(chain[0])
             else:
                 chain[0] = QDQWeight(chain[0])
-
-
-def is_fake_quant(n: fx.Node) -> bool:
-    """A per-tensor fake quant: torch's function or its aten op."""
-    return n.op == "call_function" and n.target in (
-        torch.fake_quantize_per_tensor_affine, torch.ops.aten.fake_quantize_per_tensor_affine.default)
 
 
 def _replace_fake_quants(g: fx.Graph, dq_per_user: bool) -> int:

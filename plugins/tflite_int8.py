@@ -17,7 +17,7 @@ from torch import fx
 from torch.nn.utils import parametrize
 
 from graphopt_plugins import quant_qdq
-from graphopt_plugins.quant_qdq import is_fake_quant
+from graphopt_plugins.quant_modules import is_fake_quant
 
 
 def _perm(rank: int) -> list[int]:
