@@ -212,11 +212,14 @@ def cmd_verify(args, registry: Registry) -> int:
     rows = []
     for path, emitter in _artifact_files(args.artifacts, registry):
         try:
-            outputs = outputs_of(emitter.artifact_for(path), list(case.inputs.values()))
+            artifact = emitter.artifact_for(path)
+            outputs = outputs_of(artifact, list(case.inputs.values()))
             metrics = compare(case.outputs, outputs)
         except Exception as exc:
             raise UsageError(f"{path} cannot be checked against this reference: {first_line(exc)}") from exc
-        problems = tolerances.get(emitter.format, emitter.tolerance).violations(metrics)
+        tolerance = (tolerances[emitter.format] if emitter.format in tolerances
+                     else emitter.tolerance_for(artifact.meta))
+        problems = tolerance.violations(metrics)
         rows.append({"format": emitter.format, "path": str(path), "bytes": path.stat().st_size,
                      "verified": not problems, "problems": problems, "max_abs_err": metrics.max_abs,
                      "cosine": metrics.cosine})
@@ -229,7 +232,7 @@ def cmd_verify(args, registry: Registry) -> int:
 
 def _reference_case(args):
     """The golden case named by ``--golden NAME`` (with its manifest tolerances) or given as
-    ``--reference CASE.npz`` (no tolerances: each emitter's own applies)."""
+    ``--reference CASE.npz`` (no tolerances: each emitter's own for the artifact's precision)."""
     from .golden import GoldenCase, Manifest
     if args.golden:
         manifest = Manifest.load(Path(args.golden_dir))

@@ -48,6 +48,7 @@ class Emitter:
     intra-op thread count (None: the runtime's default). ``prepare`` is pipeline text the
     driver runs, verified like any pipeline, on a copy of the graph before this emitter
     alone sees it (rewrites the format needs, e.g. ops its converter cannot take).
+    ``precision(path)`` reads the precision recorded in an artifact file (fp32, fp16, int8).
     """
 
     format: str                                   # "onnx", "tflite", "ptl", ...
@@ -59,6 +60,7 @@ class Emitter:
     modules: tuple[str, ...] = ()                 # Python modules it needs at run time
     tolerance: Tolerance = Tolerance(max_rel=1e-4, min_cosine=0.9999)
     prepare: str = ""
+    precision: Callable[[Path], str] | None = None
 
     def tolerance_for(self, options: dict) -> Tolerance:
         """The tolerance for an artifact emitted with ``options``: an emitter option named
@@ -86,8 +88,10 @@ class Emitter:
         return out
 
     def artifact_for(self, path: Path) -> Artifact:
-        """An Artifact for an existing file of this format (for verify/bench)."""
-        return Artifact(self.format, Path(path), {})
+        """An Artifact for an existing file of this format (for verify/bench), with its
+        recorded precision when the emitter can read it."""
+        path = Path(path)
+        return Artifact(self.format, path, {"precision": self.precision(path)} if self.precision else {})
 
 
 def graphopt_version() -> str:

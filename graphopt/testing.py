@@ -23,9 +23,12 @@ def _registry_once():
 
 
 def default_tolerance(subject: Any) -> Tolerance:
-    """fp32 exactness for modules and graphs; the emitter's own tolerance for an artifact."""
+    """fp32 exactness for modules and graphs; the emitter's tolerance for an artifact's
+    precision (its meta's, else the one recorded in its file)."""
     if isinstance(subject, Artifact):
-        return _registry_once().emitters[subject.format].tolerance
+        emitter = _registry_once().emitters[subject.format]
+        return emitter.tolerance_for(subject.meta if "precision" in subject.meta
+                                     else emitter.artifact_for(subject.path).meta)
     return Tolerance(max_rel=1e-5)
 
 

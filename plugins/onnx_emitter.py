@@ -115,7 +115,7 @@ def _values(infos: Sequence[Any]) -> list[dict]:
     return out
 
 
-def _stamp(model: Any, graph: graphopt.Graph) -> None:
+def _stamp(model: Any, graph: graphopt.Graph, precision: str) -> None:
     """Name the graph, drop the exporters' per-node debug info (stack traces with local paths,
     which would make the file differ between checkouts) and add graphopt's metadata_props."""
     model.graph.name = graph.name
@@ -126,7 +126,7 @@ def _stamp(model: Any, graph: graphopt.Graph) -> None:
     del model.metadata_props[:]
     for key, value in (("graphopt.version", graphopt.__version__),
                        ("graphopt.pipeline", str(graph.meta.get("pipeline", ""))),
-                       ("graphopt.inputs", json.dumps(inputs))):
+                       ("graphopt.inputs", json.dumps(inputs)), ("graphopt.precision", precision)):
         model.metadata_props.add(key=key, value=value)
 
 
@@ -151,7 +151,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         meta.update(precision="fp16", upcast_initializers=_half_storage(model))
     if int8:
         meta.update(precision="int8", **onnx_qdq.lower(model))
-    _stamp(model, graph)
+    _stamp(model, graph, meta.get("precision", "fp32"))
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -169,6 +169,14 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     meta.update(opset=opset, nodes=len(model.graph.node), op_types=dict(sorted(ops.items())),
                 inputs=_values(model.graph.input), outputs=_values(model.graph.output))
     return Artifact("onnx", target, meta)
+
+
+def precision(path: Path) -> str:
+    """The ``graphopt.precision`` metadata_prop (fp32 for a file from elsewhere)."""
+    import onnx
+
+    props = {p.key: p.value for p in onnx.load(str(path), load_external_data=False).metadata_props}
+    return props.get("graphopt.precision", "fp32")
 
 
 # onnxruntime type names that numpy spells differently ("tensor(int64)" -> "int64" needs none).
@@ -212,6 +220,6 @@ def graphopt_register_emitters() -> list[Emitter]:
     return [Emitter(
         format="onnx",
         description="ONNX via torch.onnx.export, simplified by onnxsim, run by onnxruntime (CPU)",
-        suffix=".onnx", emit=emit, load=load, options=OPTIONS,
+        suffix=".onnx", emit=emit, load=load, options=OPTIONS, precision=precision,
         modules=("onnx", "onnxruntime", "onnxsim"),
         tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999))]

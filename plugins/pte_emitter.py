@@ -31,7 +31,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     except ImportError as exc:
         raise EmitError(f"pte needs ExecuTorch: {first_line(exc)}; pip install 'graphopt[pte]'") from exc
     data, info = pte_lower.lower(graph.module, graph.example_inputs, graph.name)
-    precision = "int8" if info["int8_qdq"] or info["fake_quants_on_cpu"] else "fp32"
+    precision = info.pop("precision")
     target = Path(out_dir) / f"{graph.name}{'_int8' if precision == 'int8' else ''}.pte"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, data)
@@ -54,6 +54,17 @@ def _threadpool(threads: int | None) -> int:
             portable_lib._unsafe_reset_threadpool(wanted)
         _pool["resets"] += 1
     return _pool["resets"]
+
+
+def precision(path: Path) -> str:
+    """The precision ``emit`` recorded in the program (its constant method ``graphopt_precision``);
+    fp32 for a .pte from elsewhere."""
+    from graphopt_plugins.pte_lower import PRECISION
+
+    with captured_output():   # cpuinfo lines
+        from executorch.runtime import Runtime
+        program = Runtime.get().load_program(Path(path).read_bytes())
+        return program.load_method(PRECISION).execute([])[0] if PRECISION in program.method_names else "fp32"
 
 
 def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
@@ -98,5 +109,5 @@ def graphopt_register_emitters() -> list[Emitter]:
         format="pte",
         description="ExecuTorch via torch.export: graphopt's xnnpack partitions as XNNPACK delegates "
                     "(int8 kernels for a quantized graph), portable kernels for the rest",
-        suffix=".pte", emit=emit, load=load, modules=("executorch",),
+        suffix=".pte", emit=emit, load=load, modules=("executorch",), precision=precision,
         tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999), prepare="partition(backend=xnnpack)")]

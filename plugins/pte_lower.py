@@ -32,6 +32,7 @@ from graphopt_plugins.quant_modules import is_fake_quant
 BACKEND = "xnnpack"
 MARK = "graphopt.partition"
 TAG = "delegation_tag"
+PRECISION = "graphopt_precision"    # a constant method of the program: "fp32" or "int8"
 
 
 def partitions(gm: fx.GraphModule) -> list[str]:
@@ -196,12 +197,14 @@ def _delegation(program, names: list[str], name: str) -> dict:
 
 
 def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str) -> tuple[bytes, dict]:
-    """The .pte bytes of a partitioned ``gm`` and what runs where (``_delegation``), with how
-    many fake quants became int8 q/dq (``int8_qdq``) and how many run in float on the CPU."""
+    """The .pte bytes of a partitioned ``gm`` and what runs where (``_delegation``), with its
+    precision (also recorded in the program as ``PRECISION``), how many fake quants became int8
+    q/dq (``int8_qdq``) and how many run in float on the CPU."""
     names = partitions(gm)
     gm = copy.deepcopy(gm)
     emulated = _cpu_in_float(gm, names)
     gm, converted = quant_qdq.to_qdq(gm, int8_weights=True, dq_per_user=True)
+    precision = "int8" if converted or emulated else "fp32"
     for part in names:
         setattr(gm, part, _Marked(part, gm.get_submodule(part)))
     with captured_output():
@@ -211,7 +214,8 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
         except Exception as exc:
             raise EmitError(f"torch.export of {name} failed: {first_line(exc)}") from exc
         try:
-            edge = to_edge_transform_and_lower(exported, partitioner=[_partitioner(names)])
+            edge = to_edge_transform_and_lower(exported, partitioner=[_partitioner(names)],
+                                               constant_methods={PRECISION: precision})
         except EmitError:
             raise
         except Exception as exc:
@@ -222,4 +226,4 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
             data = edge.to_executorch().buffer
         except Exception as exc:
             raise EmitError(f"ExecuTorch could not serialize {name}: {first_line(exc)}") from exc
-    return data, {**info, "int8_qdq": converted, "fake_quants_on_cpu": emulated}
+    return data, {**info, "precision": precision, "int8_qdq": converted, "fake_quants_on_cpu": emulated}

@@ -204,7 +204,7 @@ def _int8(gm: fx.GraphModule, engine: str | None) -> tuple[fx.GraphModule, dict]
 
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Write ``graph`` to ``out_dir/<name>.ptl`` for the lite interpreter, frozen, with
-    graphopt's version, pipeline and input specs (and precision and engine when int8) in
+    graphopt's version, pipeline and input specs (and precision, and engine when int8) in
     ``extra/graphopt.json``.
     A graph with fake-quant nodes (``quantize``) is saved with quantized kernels (``ptl_int8``)."""
     from torch.jit.mobile import _export_operator_list, _get_model_bytecode_version, _load_for_lite_interpreter
@@ -213,10 +213,11 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     gm, outputs = _flat_module(graph)
     inputs = graph.input_specs()
     engine = opts["engine"] if holds_fake_quant(gm) else None
-    recorded = {"version": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
-                "inputs": inputs} | ({"precision": "int8", "engine": engine} if engine else {})
-    extra = {EXTRA_FILE: json.dumps(recorded)}
     fp16, keep = _fp16(gm)
+    recorded = {"version": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
+                "inputs": inputs} | ({"precision": "int8", "engine": engine} if engine else
+                                     {"precision": fp16.get("precision", "fp32")})
+    extra = {EXTRA_FILE: json.dumps(recorded)}
     with warnings.catch_warnings(), _own_type_names(), _engine(engine):
         warnings.simplefilter("ignore")
         gm, int8 = _int8(gm, engine)
@@ -241,6 +242,11 @@ def _recorded(path: Path) -> dict:
     if not reader.has_record(f"extra/{EXTRA_FILE}"):
         return {}
     return json.loads(reader.get_record(f"extra/{EXTRA_FILE}"))
+
+
+def precision(path: Path) -> str:
+    """The precision recorded in ``extra/graphopt.json`` (fp32 for a .ptl from elsewhere)."""
+    return _recorded(path).get("precision", "fp32")
 
 
 def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
@@ -285,5 +291,5 @@ def graphopt_register_emitters() -> list[Emitter]:
     return [Emitter(
         format="ptl",
         description="TorchScript-Lite via torch.jit.trace (or script), frozen, run by the lite interpreter",
-        suffix=".ptl", emit=emit, load=load, options=OPTIONS,
+        suffix=".ptl", emit=emit, load=load, options=OPTIONS, precision=precision,
         tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999))]

@@ -323,7 +323,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
                         f"({', '.join(custom)}); graphopt ships builtin ops only")
     inputs, outputs = _specs(data, onnx_meta, graph, opts["keep_nchw"])
     info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
-            "inputs": inputs, "outputs": outputs}
+            "precision": opts["precision"], "inputs": inputs, "outputs": outputs}
     suffix = "" if opts["precision"] == "fp32" else f"_{opts['precision']}"
     target = Path(out_dir) / f"{graph.name}{suffix}.tflite"
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -371,7 +371,8 @@ def _emit_int8(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
                                 "layout": layout,
                                 "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
                                 if dtype == "int8" else None})
-    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")), **specs}
+    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
+            "precision": "int8", **specs}
     target = Path(out_dir) / f"{graph.name}_int8{'_io' if opts['int8_io'] else ''}.tflite"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, _with_metadata(data, info))
@@ -379,6 +380,11 @@ def _emit_int8(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
         "precision": "int8", "converter": f"litert-torch {litert_torch.__version__} (STATIC, strict QDQ)",
         "op_types": dict(sorted(ops.items())), "int8_io": opts["int8_io"], **specs,
         "scales": tflite_int8.scale_check(data, graph.module)})
+
+
+def precision(path: Path) -> str:
+    """The precision in graphopt's metadata entry (fp32 when an older graphopt left it out)."""
+    return _metadata(Path(path).read_bytes(), path).get("precision", "fp32")
 
 
 def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
@@ -412,6 +418,6 @@ def graphopt_register_emitters() -> list[Emitter]:
     return [Emitter(
         format="tflite",
         description="TFLite via ONNX and onnx2tf, builtin ops only, NHWC inputs; run by LiteRT (CPU)",
-        suffix=".tflite", emit=emit, load=load, options=OPTIONS,
+        suffix=".tflite", emit=emit, load=load, options=OPTIONS, precision=precision,
         modules=("onnx", "onnxruntime", "onnxsim", "onnx2tf", "tensorflow", "ai_edge_litert"),
         tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999), prepare="tflite-compat")]

@@ -282,6 +282,7 @@ def test_each_emitter_halves_the_file_within_fp16_tolerance(fmt, wide, registry,
     assert fp32_check.verified and check.verified, check.problems   # judged by meta["precision"]: fp16
     assert check.artifact.meta["precision"] == "fp16"
     assert emitter.tolerance_for(check.artifact.meta) == FP16
+    assert [emitter.precision(c.artifact.path) for c in (fp32_check, check)] == ["fp32", "fp16"]   # read back
     # the lite interpreter runs the same half kernels; onnxruntime and LiteRT compute in fp32 here
     assert (check.vs_graph.max_rel == 0) if fmt == "ptl" else (1e-5 < check.vs_graph.max_rel < 1e-2)
     assert check.bytes / fp32_check.bytes < 0.6

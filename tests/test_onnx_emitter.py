@@ -105,6 +105,7 @@ def test_cnn_structure_metadata_and_numbers(cnn, tmp_path, capfd):
     props = {p.key: p.value for p in model.metadata_props}
     assert props["graphopt.version"] == graphopt.__version__
     assert props["graphopt.pipeline"] == "cleanup,fold-bn"
+    assert props["graphopt.precision"] == onnx_emitter.precision(artifact.path) == "fp32"
     assert json.loads(props["graphopt.inputs"]) == [
         {"name": "x", "shape": [1, 3, 16, 16], "dtype": "float32"}]
     meta = artifact.meta

@@ -2,6 +2,8 @@
 int8 kernels in onnxruntime, numbers against the fake-quant fx graph, driver verification."""
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import onnxruntime as ort
@@ -11,9 +13,13 @@ from onnx import TensorProto, numpy_helper
 from torch import nn
 
 import graphopt
+from graphopt.cli import main
 from graphopt.driver import optimize
+from graphopt.emit import Artifact
+from graphopt.golden import GoldenCase
 from graphopt.metrics import Tolerance, compare
 from graphopt.passmanager import run_pipeline
+from graphopt.testing import default_tolerance
 from graphopt_plugins import onnx_emitter, onnx_qdq
 from graphopt_plugins.quant_modules import activation_qparams, is_fake_quant, weight_quant
 from models import tiny_mobilenet, tiny_resnet
@@ -206,14 +212,26 @@ def test_int8_file_is_under_a_third_of_fp32(registry, tmp_path):
     assert int8.bytes <= 0.3 * fp32.bytes, (int8.bytes, fp32.bytes)
 
 
-def test_driver_verifies_the_int8_artifact(registry, tmp_path):
-    result = optimize(tiny_resnet(), _inputs(1, 100), registry, pipeline=PIPELINE, formats="onnx",
+def test_driver_verifies_the_int8_artifact_and_so_does_the_cli(registry, tmp_path, capsys):
+    model = tiny_resnet().eval()
+    result = optimize(model, _inputs(1, 100), registry, pipeline=PIPELINE, formats="onnx",
                       out_dir=tmp_path, data={"calibration": _inputs(4, 0)})
     (check,) = result.artifacts
     assert result.ok and check.verified and check.installed
     assert check.artifact.meta["precision"] == "int8" and check.artifact.path == tmp_path / "ResNet.onnx"
     assert check.vs_graph.cosine >= 0.999
-    assert registry.emitters["onnx"].tolerance_for({"precision": "int8"}) == Tolerance(min_cosine=0.99)
+    emitter = registry.emitters["onnx"]
+    assert emitter.tolerance_for({"precision": "int8"}) == Tolerance(min_cosine=0.99)
+    # against the fp32 model's outputs, judged at the precision the file records, not at fp32's
+    x = _inputs(1, 7)[0]
+    with torch.no_grad():
+        reference = model(x)
+    GoldenCase({"x": x}, [reference]).save(tmp_path / "fp32.npz")
+    assert emitter.precision(check.artifact.path) == "int8"
+    assert default_tolerance(Artifact("onnx", check.artifact.path)) == Tolerance(min_cosine=0.99)
+    assert emitter.tolerance.violations(compare([reference], emitter.load(check.artifact)([x])))
+    assert main(["verify", str(check.artifact.path), "--reference", str(tmp_path / "fp32.npz"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["ok"]
 
 
 def test_opset_without_per_channel_quantization_is_refused(registry, tmp_path):

@@ -65,14 +65,18 @@ def emitted(request, registry, tmp_path_factory):
     return fp32, int8
 
 
-def test_one_delegate_per_partition_fp32_and_int8(emitted):
+def test_one_delegate_per_partition_fp32_and_int8(emitted, tmp_path):
     for result, precision in zip(emitted, ("fp32", "int8")):
         check = result.artifacts[0]
         meta = check.artifact.meta
         assert result.ok and check.verified and meta["precision"] == precision
+        assert pte_emitter.precision(check.artifact.path) == precision
         assert meta["delegates"] == meta["partitions"] == len(_partitions(check)) == 1
         assert meta["cpu_ops"] == {}
     assert set(emitted[0].artifacts[0].artifact.meta["xnnpack_values"]) == {"fp32"}
+    renamed = tmp_path / "renamed.pte"       # the precision is in the program, not the name
+    renamed.write_bytes(emitted[1].artifacts[0].artifact.path.read_bytes())
+    assert pte_emitter.precision(renamed) == "int8"
     assert emitted[1].artifacts[0].artifact.path.name.endswith("_int8.pte")
 
 

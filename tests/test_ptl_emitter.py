@@ -120,7 +120,8 @@ def test_cnn_file_meta_extra_files_and_numbers(cnn, tmp_path, capfd):
     assert meta["inputs"] == [{"name": cnn.input_names[0], "shape": [1, 3, 16, 16], "dtype": "float32"}]
     assert meta["outputs"] == [{"shape": [1, 5], "dtype": "float32"}]
     assert isinstance(meta["bytecode_version"], int)
-    expected = {"version": graphopt.__version__, "pipeline": "cleanup,fold-bn", "inputs": meta["inputs"]}
+    expected = {"version": graphopt.__version__, "pipeline": "cleanup,fold-bn", "inputs": meta["inputs"],
+                "precision": "fp32"}
     with zipfile.ZipFile(artifact.path) as archive:
         assert json.loads(archive.read("archive/extra/graphopt.json")) == expected
         assert not [n for n in archive.namelist() if n.endswith(".debug_pkl")]

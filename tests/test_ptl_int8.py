@@ -142,6 +142,7 @@ def test_quantized_kernels_in_the_saved_graph(resnet, tmp_path):
     with zipfile.ZipFile(artifact.path) as archive:
         recorded = json.loads(archive.read("archive/extra/graphopt.json"))
     assert (recorded["precision"], recorded["engine"]) == ("int8", "onednn")
+    assert ptl_emitter.precision(artifact.path) == "int8"
     _close_to_fx(resnet, artifact)
 
 

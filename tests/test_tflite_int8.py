@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from graphopt.driver import optimize
+from graphopt_plugins import tflite_emitter
 from graphopt_plugins.quant_modules import activation_qparams, is_fake_quant
 from models import tiny_mobilenet_v3
 
@@ -29,7 +30,7 @@ def test_int8_tflite_verifies_with_int8_kernels(emitted):
     float_io, int8_io = emitted.artifacts
     for check in (float_io, int8_io):
         meta = check.artifact.meta
-        assert meta["precision"] == "int8" and check.verified
+        assert meta["precision"] == tflite_emitter.precision(check.artifact.path) == "int8" and check.verified
         assert check.vs_graph.cosine > 0.999
         ops = meta["op_types"]
         assert ops["CONV_2D"] >= 10 and ops["DEPTHWISE_CONV_2D"] == 3 and "HARD_SWISH" in ops
