@@ -47,8 +47,7 @@ def _estimate(report: dict) -> str:
 
 def _title(report: dict) -> str:
     s = report["summary"]
-    share = "-" if s["delegated_share"] is None else f"{s['delegated_share']:.1%}"
-    return (f"{report['backend']}: {share} of MACs in {len(report['partitions'])} partition(s), "
+    return (f"{report['backend']}: {s['delegated_share']:.1%} of MACs in {len(report['partitions'])} partition(s), "
             f"estimated time {_estimate(report)} of cpu alone")
 
 

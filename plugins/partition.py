@@ -126,9 +126,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     was_partitioned = META in getattr(gm, "meta", {})
     gm = inline(gm)
     infos = node_infos(gm, ctx.example_inputs)
-    reasons = {n: backend.why_not(i) for n, i in infos.items()}
-    if backend.fallback:
-        reasons = {n: f"{backend.name} is the fallback: nothing to delegate" for n in infos}
+    reasons = {n: f"{backend.name} is the fallback: nothing to delegate" if backend.fallback
+               else backend.why_not(i) for n, i in infos.items()}
     supported = [n for n, r in reasons.items() if r is None]
     groups, refused = group(gm, supported)
     kept = []

@@ -45,8 +45,11 @@ def _dynamic(node: fx.Node, kinds: tuple[str, ...]) -> str | None:
 
 
 def node_infos(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[fx.Node, NodeInfo]:
-    """A NodeInfo for every node that computes, in graph order (runs the graph once)."""
-    annotate(gm, inputs)
+    """A NodeInfo for every node that computes, in graph order. Shapes, dtypes and MACs come
+    from ``graphopt.graph.annotate``'s node meta (the pass manager fills it after every pass);
+    the graph is run only when some node lacks them."""
+    if any("graphopt.macs" not in n.meta for n in gm.graph.nodes if n.op in COMPUTE):
+        annotate(gm, inputs)
     on_grid: set[fx.Node] = set()     # values that hold int8-representable numbers
     infos: dict[fx.Node, NodeInfo] = {}
     for node in gm.graph.nodes:

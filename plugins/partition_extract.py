@@ -77,20 +77,13 @@ def _submodule(gm: fx.GraphModule, nodes: Sequence[fx.Node], class_name: str
 
 def extract(gm: fx.GraphModule, partitions: Sequence[Sequence[fx.Node]], prefix: str,
             class_name: str) -> tuple[fx.GraphModule, list[str]]:
-    """A new GraphModule with partition ``i`` moved into submodule ``f"{prefix}_{i}"``; returns
-    it and the submodule names."""
+    """A new GraphModule with partition ``i`` moved into submodule ``f"{prefix}_{i}"`` (added
+    to ``gm`` too); returns it and the submodule names."""
     owner = {n: i for i, nodes in enumerate(partitions) for n in nodes}
     names = [f"{prefix}_{i}" for i in range(len(partitions))]
-    root = nn.Module()
-    for name, child in gm.named_children():
-        root.add_module(name, child)
-    for name, _ in gm.named_buffers(recurse=False):
-        root.register_buffer(name, getattr(gm, name))
-    for name, _ in gm.named_parameters(recurse=False):
-        root.register_parameter(name, getattr(gm, name))
     built = {i: _submodule(gm, partitions[i], class_name) for i in range(len(partitions))}
     for i, (sub, _, _) in built.items():
-        root.add_module(names[i], sub)
+        gm.add_submodule(names[i], sub)
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     for kind, item in _unit_order(gm, owner):
@@ -108,7 +101,7 @@ def extract(gm: fx.GraphModule, partitions: Sequence[Sequence[fx.Node]], prefix:
                 env[n].meta = dict(n.meta)
     for n in [n for n in graph.nodes if n.op == "get_attr" and not n.users]:   # read inside partitions now
         graph.erase_node(n)
-    new = fx.GraphModule(root, graph, class_name=type(gm).__name__)
+    new = fx.GraphModule(gm, graph, class_name=type(gm).__name__)   # copies only what the new graph reads
     new.meta = dict(getattr(gm, "meta", {}))
     return new, names
 

@@ -228,16 +228,14 @@ def test_third_party_backend_from_a_plugin(tmp_path):
     assert {r["name"] for r in report["nodes"] if r["placement"] != "cpu"} == {"relu", "add"}
 
 
-def test_bad_backend_definitions_are_plugin_errors(tmp_path):
-    bad = tmp_path / "bad_backend.py"
-    bad.write_text("import graphopt\nfrom graphopt.backends import Backend\n"
-                   "@graphopt.hookimpl\ndef graphopt_register_backends():\n"
-                   "    return [Backend('Bad_Name', 'x', ops={'relu': None})]\n")
-    with pytest.raises(PluginError, match="backend name 'Bad_Name' is not kebab-case"):
-        graphopt.load_plugins(extra=[str(bad)])
-    twin = tmp_path / "twin_backend.py"
-    twin.write_text("import graphopt\nfrom graphopt.backends import Backend\n"
-                    "@graphopt.hookimpl\ndef graphopt_register_backends():\n"
-                    "    return [Backend('xnnpack', 'x', ops={'relu': None})]\n")
-    with pytest.raises(PluginError, match="backend 'xnnpack' is already registered by plugin backends"):
-        graphopt.load_plugins(extra=[str(twin)])
+@pytest.mark.parametrize("name,error", [
+    ("Bad_Name", "backend name 'Bad_Name' is not kebab-case"),
+    ("xnnpack", "backend 'xnnpack' is already registered by plugin backends"),
+])
+def test_bad_backend_definitions_are_plugin_errors(tmp_path, name, error):
+    plugin = tmp_path / "bad_backend.py"
+    plugin.write_text("import graphopt\nfrom graphopt.backends import Backend\n"
+                      "@graphopt.hookimpl\ndef graphopt_register_backends():\n"
+                      f"    return [Backend({name!r}, 'x', ops={{'relu': None}})]\n")
+    with pytest.raises(PluginError, match=error):
+        graphopt.load_plugins(extra=[str(plugin)])
