@@ -31,12 +31,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import graphopt  # noqa: E402
-from graphopt.bench import Subject, bench, plot  # noqa: E402
+from graphopt.cli.bench import Subject, bench, plot  # noqa: E402
 from graphopt.capture import capture  # noqa: E402
 from graphopt.driver import ArtifactCheck, check_artifact, emit_one, optimize, select_emitters  # noqa: E402
 from graphopt.graph import Graph, flatten_outputs  # noqa: E402
 from graphopt.metrics import compare  # noqa: E402
-from graphopt.modelspec import example_inputs  # noqa: E402
+from graphopt.cli.modelspec import example_inputs  # noqa: E402
 from models import mobilenet_v2, resnet18  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}

@@ -32,7 +32,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import graphopt  # noqa: E402
-from graphopt.bench import Subject, bench, markdown  # noqa: E402
+from graphopt.cli.bench import Subject, bench, markdown  # noqa: E402
 from graphopt.emit import Artifact, captured_output  # noqa: E402
 from graphopt.metrics import compare  # noqa: E402
 from models import mobilenet_v2, resnet18, tiny_resnet  # noqa: E402

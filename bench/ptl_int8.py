@@ -24,9 +24,10 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import graphopt  # noqa: E402
-from graphopt.bench import Subject, bench  # noqa: E402
+from graphopt.cli.bench import Subject, bench  # noqa: E402
 from graphopt.metrics import compare  # noqa: E402
-from graphopt_plugins import ptl_emitter, ptl_int8  # noqa: E402
+import graphopt_plugins.ptl as ptl_emitter
+import graphopt_plugins.ptl.int8 as ptl_int8
 from models import mobilenet_v2, resnet18  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}

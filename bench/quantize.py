@@ -45,12 +45,12 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import graphopt  # noqa: E402
-from graphopt.bench import BenchRow, Subject, bench  # noqa: E402
+from graphopt.cli.bench import BenchRow, Subject, bench  # noqa: E402
 from graphopt.driver import RunResult, optimize  # noqa: E402
 from graphopt.emit import Artifact, captured_output  # noqa: E402
 from graphopt.graph import flatten_outputs  # noqa: E402
 from graphopt.metrics import Metrics, compare  # noqa: E402
-from graphopt.modelspec import example_inputs  # noqa: E402
+from graphopt.cli.modelspec import example_inputs  # noqa: E402
 from graphopt.passmanager import run_pipeline  # noqa: E402
 from models import mobilenet_v2, mobilenet_v3, resnet18  # noqa: E402
 
@@ -111,7 +111,7 @@ def _facts(fmt: str, path: Path) -> str:
         return _tflite_facts(path)
     from torch.jit.mobile import _export_operator_list, _load_for_lite_interpreter
 
-    from graphopt_plugins.ptl_emitter import _recorded
+    from graphopt_plugins.ptl import _recorded
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         ops = _export_operator_list(_load_for_lite_interpreter(str(path)))
@@ -141,7 +141,7 @@ def _onnx_facts(path: Path) -> str:
 def _tflite_facts(path: Path) -> str:
     from ai_edge_litert import schema_py_generated as schema
 
-    from graphopt_plugins.tflite_emitter import operators
+    from graphopt_plugins.tflite import operators
     data = path.read_bytes()
     model = schema.Model.GetRootAs(data, 0)
     names = {v: k.lower() for k, v in vars(schema.TensorType).items() if not k.startswith("_")}
@@ -227,7 +227,7 @@ def _torch_ao_peer(build, inputs, calibration, registry):
     from torch.ao.quantization import get_default_qconfig_mapping
     from torch.ao.quantization.quantize_fx import convert_fx, prepare_fx
 
-    from graphopt_plugins.ptl_int8 import quantized_engine
+    from graphopt_plugins.ptl.int8 import quantized_engine
 
     def make(stage: Path, threads: int):
         path = stage / "torch_ao_int8.ptl"
@@ -252,7 +252,7 @@ def _tf_converter_peer(fp32: RunResult, calibration, registry):
     Keras model onnx2tf builds in graphopt's tflite emitter (same prepare pipeline, same ONNX).
     The Keras model is handed over as a concrete function plus its weights, as the emitter does
     (a SavedModel of the Keras model takes minutes); the converter settings are onnx2tf's."""
-    from graphopt_plugins import tflite_emitter as te
+    import graphopt_plugins.tflite as te
 
     def make(stage: Path, threads: int):
         import tensorflow as tf

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from .backends import Backend, NodeInfo
 from .capture import capture
 from .emit import Artifact, Emitter
 from .errors import (CaptureError, EmitError, GraphoptError, PassError, PipelineError,
@@ -16,14 +15,14 @@ from .graph import Graph
 from .hookspecs import hookimpl
 from .metrics import Metrics, Tolerance, compare
 from .passes import Effect, Option, Pass, PassContext, PassResult
-from .pipeline import Pipeline, parse_pipeline
+from .pipeline import NamedPipeline, Pipeline, parse_pipeline
 from .plugins import Registry, load_plugins
 from .passmanager import PassRecord, PipelineRun, run_pipeline
 from .driver import RunResult, optimize
 
 __all__ = [
-    "Artifact", "Backend", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
-    "Metrics", "NodeInfo", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
+    "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
+    "Metrics", "NamedPipeline", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
     "Pipeline", "PipelineError", "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance",
     "UsageError", "VerificationError", "capture", "compare", "hookimpl", "load_plugins",
     "optimize", "parse_pipeline", "run_pipeline",

@@ -107,4 +107,5 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         hint = f" (random ops: {', '.join(random)}, e.g. F.dropout defaults to training=True)" if random else ""
         raise CaptureError(f"{type(model).__name__} gives different outputs on the same inputs in eval "
                            f"mode{hint}; passes cannot be verified against a random reference")
-    return Graph(gm, inputs, name or type(model).__name__)
+    half = any(t.dtype == torch.float16 for t in gm.state_dict().values())
+    return Graph(gm, inputs, name or type(model).__name__, {"precision": "fp16"} if half else {})

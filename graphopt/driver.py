@@ -112,7 +112,7 @@ def emit_one(graph: Graph, emitter: Emitter, options: dict, stage: Path, registr
         run = run_pipeline(graph, emitter.prepare, registry)
         graph = run.graph
         graph.meta["pipeline"] = ",".join(filter(None, [graph.meta.get("pipeline", ""), run.pipeline]))
-        prepared = [{"pass": r.name, "modified": r.modified, "stats": r.stats,
+        prepared = [{"pass": r.name, "group": r.group, "modified": r.modified, "stats": r.stats,
                      "explanations": r.explanations} for r in run.records]
     try:
         artifact = emitter.emit(graph, options, stage)

@@ -34,6 +34,12 @@ class Graph:
     meta: dict = field(default_factory=dict)
 
     @property
+    def precision(self) -> str:
+        """fp32, fp16 or int8: what the passes that ran made of it (recorded by the pass
+        manager from each pass's effect; capture records fp16 for a half-precision model)."""
+        return self.meta.get("precision", "fp32")
+
+    @property
     def input_names(self) -> list[str]:
         return [n.name for n in self.module.graph.nodes if n.op == "placeholder"]
 
@@ -77,12 +83,6 @@ def _compute_nodes(gm: fx.GraphModule) -> int:
                 n.target is operator.getitem and n.args[0] in nested):   # a nested graph's outputs
             total += 1
     return total
-
-
-def holds_fp16(gm: nn.Module) -> bool:
-    """Whether any parameter or buffer is float16: the mark of a graph after the fp16 pass,
-    which emitters and verify-each read to judge it at fp16 tolerance."""
-    return any(t.dtype == torch.float16 for t in gm.state_dict().values())
 
 
 def _numel(shape: Sequence[int]) -> int:

@@ -97,7 +97,7 @@ class PassContext:
     data: dict = field(default_factory=dict)
     explanations: list[str] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)     # this run of the pass only, e.g. what its oracle reads
-    backends: dict = field(default_factory=dict)    # registered backends by name (graphopt.backends.Backend)
+    registry: Any = None                            # the plugin Registry: what a pass may collect from hooks
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:

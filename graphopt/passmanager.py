@@ -17,7 +17,7 @@ import torch
 import torch.fx as fx
 
 from .errors import GraphoptError, PassError
-from .graph import Graph, annotate, holds_fp16
+from .graph import Graph, annotate
 from .metrics import Tolerance, compare
 from .passes import Effect, Pass, PassContext, PassResult
 from .pipeline import Pipeline, parse_pipeline, resolve
@@ -40,10 +40,16 @@ class PassRecord:
     verified: bool
     stats: dict = field(default_factory=dict)
     explanations: list[str] = field(default_factory=list)
+    effect: str = "exact"
+    group: str = ""                  # the named pipeline (e.g. fuse) this pass came from
+
+    @property
+    def pass_name(self) -> str:
+        return self.name.split("(")[0]
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("name", "seconds", "modified", "nodes", "params",
-                                            "macs", "bytes", "max_abs_err", "cosine", "verified")}
+        d = {k: getattr(self, k) for k in ("name", "group", "effect", "seconds", "modified", "nodes",
+                                            "params", "macs", "bytes", "max_abs_err", "cosine", "verified")}
         d["seconds"] = round(self.seconds, 4)
         d["stats"] = self.stats
         d["explanations"] = self.explanations
@@ -95,11 +101,10 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequ
     return None
 
 
-def _tolerance(spec: Pass, gm: fx.GraphModule) -> Tolerance:
+def _tolerance(spec: Pass, graph: Graph) -> Tolerance:
     """The pass's tolerance (its own, else its effect's); an exact rewrite of a graph already in
-    fp16 (weights or buffers) is judged at fp16 tolerance, since fp16 rounding of a re-associated
-    sum is not its fault."""
-    if spec.effect is Effect.EXACT and holds_fp16(gm):
+    fp16 is judged at fp16 tolerance, since fp16 rounding of a re-associated sum is not its fault."""
+    if spec.effect is Effect.EXACT and graph.precision == "fp16":
         return Effect.FP16.tolerance
     return spec.tolerance or spec.effect.tolerance
 
@@ -136,7 +141,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
     ``print_ir_after`` names passes (or ``all``) whose resulting graph code goes to
     ``on_ir(pass_name, code)``. ``data`` is shared with every pass as ``ctx.data``.
     """
-    pipe = parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline
+    pipe = registry.expand(parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline)
     steps = resolve(pipe, registry.passes)
     data = dict(data or {})
     check_needs(steps, data)
@@ -147,7 +152,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
     done: list[str] = []
     for (spec, options), item in zip(steps, pipe.items):
         work = copy.deepcopy(current.module)
-        ctx = PassContext(options=options, graph=current.replace(work), data=data, backends=registry.backends)
+        ctx = PassContext(options=options, graph=current.replace(work), data=data, registry=registry)
         start = time.perf_counter()
         try:
             result = spec.run(work, ctx)
@@ -168,7 +173,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
                 metrics = compare(expected, outputs)
             except Exception as exc:
                 raise _fail(spec, done, f"could not be verified: {exc}") from exc
-            tolerance = _tolerance(spec, current.module)
+            tolerance = _tolerance(spec, current)
             problems = tolerance.violations(metrics)
             if problems:
                 node = None if spec.effect is Effect.STRUCTURAL else first_divergence(
@@ -177,16 +182,18 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
                                         f"tolerance ({'; '.join(problems)})", node)
             verified = True
         current = current.replace(gm)
+        if result.modified and spec.effect in (Effect.FP16, Effect.INT8) and current.precision != "int8":
+            current.meta["precision"] = spec.effect.value    # decided once, here; emitters read it
         previous = outputs
         total = compare(reference, outputs)
         st = current.stats()
         record = PassRecord(str(item), seconds, bool(result.modified), st["nodes"], st["params"],
                             st["macs"], st["bytes"], total.max_abs, total.cosine, verified,
-                            dict(result.stats), list(ctx.explanations))
+                            dict(result.stats), list(ctx.explanations), spec.effect.value, item.group)
         records.append(record)
         done.append(spec.name)
         if on_pass:
             on_pass(record)
-        if on_ir and ("all" in print_ir_after or spec.name in print_ir_after):
+        if on_ir and {"all", spec.name, item.group} & set(print_ir_after):
             on_ir(spec.name, gm.code)
     return PipelineRun(current, str(pipe), reference, records)

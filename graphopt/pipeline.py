@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import difflib
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import PipelineError
@@ -24,6 +24,7 @@ class PipelineItem:
 
     name: str
     options: tuple[tuple[str, str], ...] = ()
+    group: str = field(default="", compare=False)   # the named pipeline it was expanded from
 
     def __str__(self) -> str:
         if not self.options:
@@ -41,6 +42,25 @@ class Pipeline:
     @property
     def names(self) -> list[str]:
         return [i.name for i in self.items]
+
+
+@dataclass(frozen=True)
+class NamedPipeline:
+    """A composite registered by a plugin (``fuse``): pipeline text the parser expands in
+    place, so every member runs, and is verified, as a pass of its own."""
+
+    name: str
+    description: str
+    pipeline: str
+    default_order: int | None = None      # position in the default pipeline; None: not in it
+
+    def problems(self) -> list[str]:
+        """Why this definition is invalid (empty when it is fine)."""
+        try:
+            parse_pipeline(self.pipeline)
+        except PipelineError as exc:
+            return [f"named pipeline {self.name!r}: {exc}"]
+        return []
 
 
 def _quote(value: str) -> str:

@@ -1,4 +1,4 @@
-"""Plugin discovery and the registry of passes, emitters and backends.
+"""Plugin discovery and the registry of passes, named pipelines and emitters.
 
 Plugins come from the entry-point group ``graphopt`` (built-ins and third-party packages
 alike) and from ``--plugin PATH.py|module``; ``-p no:NAME`` blocks one by name.
@@ -9,7 +9,7 @@ import importlib
 import importlib.metadata as md
 import importlib.util
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any, Iterable
@@ -17,10 +17,10 @@ from typing import Any, Iterable
 import pluggy
 
 from . import hookspecs
-from .backends import Backend
 from .emit import Emitter
-from .errors import PluginError
+from .errors import PipelineError, PluginError
 from .passes import Pass
+from .pipeline import NamedPipeline, Pipeline, parse_pipeline
 
 GROUP = "graphopt"
 
@@ -38,15 +38,44 @@ class Registry:
     manager: pluggy.PluginManager
     plugins: list[PluginInfo] = field(default_factory=list)
     passes: dict[str, Pass] = field(default_factory=dict)
+    pipelines: dict[str, NamedPipeline] = field(default_factory=dict)
     emitters: dict[str, Emitter] = field(default_factory=dict)
-    backends: dict[str, Backend] = field(default_factory=dict)
-    owner: dict[str, str] = field(default_factory=dict)   # "pass:NAME" / "emitter:FMT" / "backend:NAME" -> plugin
+    owner: dict[str, str] = field(default_factory=dict)   # "pass:NAME" / "emitter:FMT" / ... -> plugin
+    _collected: dict[str, dict] = field(default_factory=dict, repr=False)
+
+    @property
+    def hook(self) -> Any:
+        return self.manager.hook
 
     def default_pipeline(self) -> str:
-        """Passes that declare a ``default_order``, in that order."""
-        chosen = sorted((p for p in self.passes.values() if p.default_order is not None),
-                        key=lambda p: (p.default_order, p.name))
+        """Passes and named pipelines that declare a ``default_order``, in that order."""
+        chosen = sorted((p for p in [*self.passes.values(), *self.pipelines.values()]
+                         if p.default_order is not None), key=lambda p: (p.default_order, p.name))
         return ",".join(p.name for p in chosen)
+
+    def collect(self, hook: str, kind: type, key: str) -> dict[str, Any]:
+        """Every plugin's items from the list-returning ``hook`` (once), validated and keyed
+        by ``getattr(item, key)``: how a feature gathers what its own hookspec collects."""
+        if hook not in self._collected:
+            self._collected[hook] = _collect(self, hook, kind, key)
+        return self._collected[hook]
+
+    def expand(self, pipeline: Pipeline) -> Pipeline:
+        """``pipeline`` with every named pipeline replaced by its registered members (each
+        item keeps the name of the composite it came from in ``group``)."""
+        items = []
+        for item in pipeline.items:
+            named = self.pipelines.get(item.name)
+            if named is None:
+                items.append(item)
+                continue
+            if item.options:
+                raise PipelineError(f"{item.name} is a named pipeline ({named.pipeline}); "
+                                    f"give options to its members instead")
+            for member in self.expand(parse_pipeline(named.pipeline)).items:
+                if member.name in self.passes:
+                    items.append(replace(member, group=member.group or item.name))
+        return Pipeline(tuple(items))
 
 
 def _load_path(spec: str) -> tuple[str, ModuleType]:
@@ -102,9 +131,11 @@ def _collect(reg: Registry, hook: str, kind: type, key: str) -> dict[str, Any]:
 
 def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
                  entry_points: bool = True) -> Registry:
-    """Discover, import and validate plugins; returns the registry of passes, emitters and backends."""
+    """Discover, import and validate plugins; returns the registry of passes, named
+    pipelines and emitters."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
+    pm.hook.graphopt_addhooks.call_historic(kwargs={"pluginmanager": pm})
     blocked = list(blocked)
     for name in blocked:
         pm.set_blocked(name)
@@ -154,7 +185,11 @@ def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
         hook = str(exc).split("'")[1] if "'" in str(exc) else "?"
         raise PluginError(f"plugin {name}: unknown hook {hook}; valid hooks: "
                           f"{', '.join(sorted(n for n, h in vars(pm.hook).items() if h.spec))}") from exc
-    reg.passes = _collect(reg, "graphopt_register_passes", Pass, "name")
-    reg.emitters = _collect(reg, "graphopt_register_emitters", Emitter, "format")
-    reg.backends = _collect(reg, "graphopt_register_backends", Backend, "name")
+    reg.passes = reg.collect("graphopt_register_passes", Pass, "name")
+    reg.pipelines = reg.collect("graphopt_register_pipelines", NamedPipeline, "name")
+    reg.emitters = reg.collect("graphopt_register_emitters", Emitter, "format")
+    for name in reg.pipelines.keys() & reg.passes.keys():
+        raise PluginError(f"plugin {reg.owner[f'namedpipeline:{name}']}: named pipeline {name!r} clashes "
+                          f"with the pass of plugin {reg.owner[f'pass:{name}']}")
+    reg.hook.graphopt_configure(registry=reg)
     return reg

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import Effect, Pass, PassContext, PassResult
-from graphopt_plugins.fxutil import delete_unread_attributes, describe, has_effect
+from graphopt.fxutil import delete_unread_attributes, describe, has_effect
 
 _DROPOUT_FUNCTIONS = {F.dropout, F.dropout1d, F.dropout2d, F.dropout3d, F.alpha_dropout,
                       F.feature_alpha_dropout, torch.dropout, torch.alpha_dropout,

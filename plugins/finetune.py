@@ -47,3 +47,24 @@ def graphopt_register_passes():
                              "--train FILE.py:FN)", run, Effect.TRAINED,
                  options=(Option("epochs", int, 1, "epochs passed to the training function"),),
                  needs=("train",))]
+
+
+@graphopt.hookimpl
+def graphopt_add_options(command: str, parser) -> None:
+    if command == "run":
+        parser.add_argument("--train", metavar="FILE.py:FN", help="training function fn(module, *, epochs) "
+                            "for the finetune pass (path/to/file.py:fn or package.module:fn)")
+
+
+@graphopt.hookimpl
+def graphopt_run_data(options) -> dict | None:
+    if not getattr(options, "train", None):
+        return None
+    from graphopt.cli.modelspec import load_train_function
+    train = load_train_function(options.train)        # before any work: a bad spec fails at once
+    return {"train": lambda model, inputs: train}
+
+
+@graphopt.hookimpl
+def graphopt_data_hint(key: str) -> str | None:
+    return "pass --train FILE.py:FN" if key == "train" else None

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from graphopt import UsageError
-from graphopt.bench import Subject, accuracy, bench, load_eval, markdown
+from graphopt.cli.bench import Subject, accuracy, bench, load_eval, markdown
 from graphopt.cli import main
 from conftest import ROOT
 

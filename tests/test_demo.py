@@ -1,7 +1,7 @@
 import json
 
 from graphopt.cli import main
-from graphopt.demo import DEMO_PIPELINE
+from graphopt.cli.demo import DEMO_PIPELINE
 
 
 def test_demo_trains_caches_emits_and_scores_every_format(capsys, tmp_path, monkeypatch, registry):

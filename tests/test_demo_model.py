@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from graphopt import demo_model
-from graphopt.demo_model import CACHE_NAME, DigitsNet, accuracy, load_data, load_or_train
+from graphopt.cli import demo_model
+from graphopt.cli.demo_model import CACHE_NAME, DigitsNet, accuracy, load_data, load_or_train
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
-"""fuse: the family (simplify, fold-bn, fold-affine, merge-linear, fuse-act) in one exact pass at
-the end of the default pipeline; fused graphs emit and verify in every format."""
+"""fuse: the named pipeline of its family (simplify, fold-bn, fold-affine, merge-linear, fuse-act),
+each member an exact pass verified on its own, at the end of the default pipeline; fused graphs
+emit and verify in every format."""
 from __future__ import annotations
 
 import pytest
@@ -39,32 +40,34 @@ def test_runs_every_member_in_order(registry):
     assert module_types(gm) == ["FusedConv2d", "AddReLU", "FusedLinear"]
     assert [n.meta.get("graphopt.fused") for n in gm.graph.nodes if n.op == "call_module"] == \
         ["conv+relu", "add+relu", "linear+relu6"]
-    (record,) = run.records
-    assert list(record.stats) == [name for name, _ in MEMBERS] == \
+    assert [r.name for r in run.records] == list(MEMBERS) == \
         ["simplify", "fold-bn", "fold-affine", "merge-linear", "fuse-act"]
-    assert record.stats["fold-bn"] == {"folded": 1, "rejected": 0}
-    assert record.stats["fold-affine"]["folded"] == 1 and record.stats["merge-linear"]["merged"] == 1
-    assert record.stats["simplify"]["constant"] == 1 and record.stats["simplify"]["identity_arithmetic"] == 1
-    assert record.stats["fuse-act"] == {"layer_act": 2, "add_relu": 1, "rejected": 0}
-    assert all(line.split(": ", 1)[0] in dict(MEMBERS) for line in record.explanations)
-    assert "fold-bn: conv -> bn: folded BatchNorm2d into Conv2d" in record.explanations
-    assert record.verified and record.modified
+    assert run.pipeline == ",".join(MEMBERS)                  # the report shows the members
+    stats = {r.name: r.stats for r in run.records}
+    assert stats["fold-bn"] == {"folded": 1, "rejected": 0}
+    assert stats["fold-affine"]["folded"] == 1 and stats["merge-linear"]["merged"] == 1
+    assert stats["simplify"]["constant"] == 1 and stats["simplify"]["identity_arithmetic"] == 1
+    assert stats["fuse-act"] == {"layer_act": 2, "add_relu": 1, "rejected": 0}
+    explained = {r.name: r.explanations for r in run.records}
+    assert "conv -> bn: folded BatchNorm2d into Conv2d" in explained["fold-bn"]
+    assert all(r.verified and r.modified and r.group == "fuse" for r in run.records)
 
 
 def test_bn_whose_conv_output_is_used_elsewhere_stays(registry):
     run = optimize(randomize_bn(Residual()), (torch.randn(1, 3, 5, 5),), "fuse", registry)
     assert module_types(run.graph.module) == ["Conv2d", "BatchNorm2d"]
-    assert run.records[0].explanations == [
-        "fold-bn: conv -> bn: not folded, conv's output is also used by add",
-        "fold-affine: add: kept, conv's output is also used by bn"]
+    explained = {r.name: r.explanations for r in run.records}
+    assert explained["fold-bn"] == ["conv -> bn: not folded, conv's output is also used by add"]
+    assert explained["fold-affine"] == ["add: kept, conv's output is also used by bn"]
 
 
 def test_registered_as_exact_passes_with_fuse_last_in_the_default_pipeline(registry):
-    names = [name for name, _ in MEMBERS] + ["fuse"]
-    for name in names:
+    for name in MEMBERS:
         spec = registry.passes[name]
         assert spec.effect is graphopt.Effect.EXACT and spec.options == ()
-        assert spec.default_order == (30 if name == "fuse" else 20 if name == "fold-bn" else None), name
+        assert spec.default_order == (20 if name == "fold-bn" else None), name
+    fuse = registry.pipelines["fuse"]
+    assert "fuse" not in registry.passes and fuse.pipeline == ",".join(MEMBERS) and fuse.default_order == 30
     default = registry.default_pipeline().split(",")
     assert default[-1] == "fuse" and default.index("cleanup") < default.index("fold-bn") < default.index("fuse")
 
@@ -101,7 +104,11 @@ def test_explain_lists_each_candidate(capsys):
     code = main(["run", f"{TESTS / 'models.py'}:tiny_resnet", "--input-shape", "1x3x32x32", "--emit", "",
                  "--explain", "fuse"])
     out = capsys.readouterr().out
-    assert code == 0 and "explain fuse" in out
-    assert "  fuse-act: stem_2: fused stem_0 -> stem_2 (conv+relu) into FusedConv2d stem.0\n" in out
-    assert "  fuse-act: layers_0_0_relu_1: fused add -> layers_0_0_relu_1 (add+relu) into AddReLU add_relu\n" in out
-    assert "  fold-affine: add_1: kept, its other operand layers_0_0_relu_1 depends on the input\n" in out
+    assert code == 0
+    for member in MEMBERS:                                # one verified step each, in order
+        assert f"explain {member} (fuse member)" in out
+    assert out.index("explain fold-affine (fuse member)") < out.index("explain fuse-act (fuse member)")
+    fold_affine, fuse_act = out.split("explain fuse-act (fuse member)")
+    assert "  stem_2: fused stem_0 -> stem_2 (conv+relu) into FusedConv2d stem.0\n" in fuse_act
+    assert "  layers_0_0_relu_1: fused add -> layers_0_0_relu_1 (add+relu) into AddReLU add_relu\n" in fuse_act
+    assert "  add_1: kept, its other operand layers_0_0_relu_1 depends on the input\n" in fold_affine

@@ -12,7 +12,7 @@ from torch import nn
 
 import graphopt
 from _half_models import HalfCompute, HalfStorage
-from graphopt_plugins import onnx_emitter
+import graphopt_plugins.onnx as onnx_emitter
 
 TOLERANCE = onnx_emitter.graphopt_register_emitters()[0].tolerance
 
@@ -77,7 +77,7 @@ def _assert_close(graph: graphopt.Graph, artifact: graphopt.Artifact, inputs=Non
 
 
 def test_registers_the_onnx_emitter_with_its_options():
-    registry = graphopt.load_plugins(["graphopt_plugins.onnx_emitter"], entry_points=False)
+    registry = graphopt.load_plugins(["graphopt_plugins.onnx"], entry_points=False)
     emitter = registry.emitters["onnx"]
     assert emitter.suffix == ".onnx" and emitter.missing() == []
     assert {o.name: o.default for o in emitter.options} == {
@@ -85,7 +85,7 @@ def test_registers_the_onnx_emitter_with_its_options():
 
 
 def test_importing_the_plugin_loads_no_onnx_module():
-    code = ("import sys, graphopt_plugins.onnx_emitter; "
+    code = ("import sys, graphopt_plugins.onnx; "
             "print(sorted(m for m in ('onnx', 'onnxruntime', 'onnxsim', 'onnxscript') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"

@@ -16,12 +16,13 @@ import graphopt
 from graphopt.cli import main
 from graphopt.driver import optimize
 from graphopt.emit import Artifact
-from graphopt.golden import GoldenCase
+from graphopt.testing.golden import GoldenCase
 from graphopt.metrics import Tolerance, compare
 from graphopt.passmanager import run_pipeline
 from graphopt.testing import default_tolerance
-from graphopt_plugins import onnx_emitter, onnx_qdq
-from graphopt_plugins.quant_modules import activation_qparams, is_fake_quant, weight_quant
+import graphopt_plugins.onnx as onnx_emitter
+import graphopt_plugins.onnx.qdq as onnx_qdq
+from graphopt.quant import activation_qparams, is_fake_quant, weight_quant
 from models import tiny_mobilenet, tiny_resnet
 
 PIPELINE = "cleanup,fold-bn,fuse,quantize(prefer=size)"   # every layer int8 (prefer=speed picks by timing)

@@ -17,7 +17,7 @@ import graphopt
 from graphopt.driver import optimize
 from graphopt.errors import PassError, PluginError
 from graphopt_plugins.partition import group
-from graphopt_plugins.quant_modules import is_fake_quant
+from graphopt.quant import is_fake_quant
 from models import tiny_mobilenet, tiny_mobilenet_v3, tiny_resnet
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -234,7 +234,7 @@ def test_third_party_backend_from_a_plugin(tmp_path):
 ])
 def test_bad_backend_definitions_are_plugin_errors(tmp_path, name, error):
     plugin = tmp_path / "bad_backend.py"
-    plugin.write_text("import graphopt\nfrom graphopt.backends import Backend\n"
+    plugin.write_text("import graphopt\nfrom graphopt_plugins.partition.backend import Backend\n"
                       "@graphopt.hookimpl\ndef graphopt_register_backends():\n"
                       f"    return [Backend({name!r}, 'x', ops={{'relu': None}})]\n")
     with pytest.raises(PluginError, match=error):

@@ -5,7 +5,7 @@ import pytest
 from rich.console import Console
 
 from graphopt.errors import UsageError
-from graphopt.placement import (backend_colours, compatibility_table, render, summary_table, to_dot,
+from graphopt_plugins.partition.placement import (backend_colours, compatibility_table, render, summary_table, to_dot,
                                 _layout)
 
 REASON = 'op cumsum not supported by xnnpack ("scan" \\ no kernel)'

@@ -14,9 +14,9 @@ from graphopt.errors import PassError
 from graphopt.graph import annotate
 from graphopt.metrics import compare
 from graphopt.passmanager import run_pipeline
-from graphopt_plugins import prune_rules
-from graphopt_plugins.prune_apply import MaskedRun
-from graphopt_plugins.prune_rules import propagate
+import graphopt_plugins.prune.rules as prune_rules
+from graphopt_plugins.prune.apply import MaskedRun
+from graphopt_plugins.prune.rules import propagate
 from models_prune import PRUNE_ZOO, example_input
 
 

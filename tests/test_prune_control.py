@@ -14,7 +14,7 @@ from graphopt.capture import capture
 from graphopt.driver import optimize
 from graphopt.errors import PassError
 from graphopt.passmanager import run_pipeline
-from graphopt_plugins.prune_save import load_pruned, save_pruned
+from graphopt_plugins.prune.save import load_pruned, save_pruned
 from models_prune import PRUNE_ZOO, example_input
 
 from conftest import ROOT

@@ -15,8 +15,8 @@ import models
 from graphopt import EmitError
 from graphopt.driver import optimize
 from graphopt.metrics import compare
-from graphopt_plugins import pte_emitter
-from graphopt_plugins.partition_extract import META, extract
+import graphopt_plugins.pte as pte_emitter
+from graphopt_plugins.partition.extract import META, extract
 
 pytest.importorskip("executorch")
 

@@ -22,7 +22,7 @@ from conftest import ROOT, TESTS
 from models_transformers import TRANSFORMER_ZOO
 from graphopt.cli import main
 from graphopt.testing import assert_close
-from graphopt_plugins import ptl_emitter
+import graphopt_plugins.ptl as ptl_emitter
 
 TOLERANCE = ptl_emitter.graphopt_register_emitters()[0].tolerance
 
@@ -219,7 +219,7 @@ def test_same_graph_gives_the_same_bytes(build, tmp_path):
 
 FRESH_PROCESS = """
 import sys, test_ptl_emitter as t
-from graphopt_plugins import ptl_emitter
+import graphopt_plugins.ptl as ptl_emitter
 for build, shape, name in [(t.Normalize, (1, 3, 8, 8), "normalize"), (t.conv_bn_relu, (1, 3, 16, 16), "cnn")]:
     graph = t._capture(build, shape, name=name)
     ptl_emitter.load(ptl_emitter.emit(graph, {}, sys.argv[1]))(list(graph.example_inputs))

@@ -17,9 +17,10 @@ import models
 from graphopt import Effect
 from graphopt.driver import optimize
 from graphopt.testing import assert_close
-from graphopt_plugins import ptl_emitter, ptl_int8
-from graphopt_plugins.fused_modules import fused_layer
-from graphopt_plugins.quant_modules import quantize_weight, weight_quant
+import graphopt_plugins.ptl as ptl_emitter
+import graphopt_plugins.ptl.int8 as ptl_int8
+from graphopt.fused import fused_layer
+from graphopt.quant import quantize_weight, weight_quant
 
 PIPELINE = "cleanup,fold-bn,fuse,quantize(prefer=size)"
 INT8 = Effect.INT8.tolerance

@@ -15,8 +15,8 @@ from conftest import ROOT
 from graphopt.capture import capture
 from graphopt.errors import PassError
 from graphopt.passmanager import run_pipeline
-from graphopt_plugins.quant_modules import activation_qparams, is_fake_quant, weight_quant
-from graphopt_plugins.quant_observers import OBSERVERS, Observer, qparams
+from graphopt.quant import activation_qparams, is_fake_quant, weight_quant
+from graphopt_plugins.quantize.observers import OBSERVERS, Observer, qparams
 from models import tiny_resnet
 from models_prune import PRUNE_ZOO, example_input
 
@@ -61,7 +61,7 @@ def test_relu_after_an_unfused_conv_is_inside_the_pattern(registry):
 
 def test_weights_are_per_channel_symmetric_int8():
     conv = nn.Conv2d(3, 4, 3)
-    from graphopt_plugins.quant_modules import quantize_weight
+    from graphopt.quant import quantize_weight
     original = conv.weight.detach().clone()
     quantize_weight(conv)
     q, scale, axis = weight_quant(conv)

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 import graphopt
 from _fold_models import optimize
 from graphopt.driver import emit_one
-from graphopt_plugins import tflite_emitter
+import graphopt_plugins.tflite as tflite_emitter
 from models import ZOO
 from models_transformers import TRANSFORMER_ZOO
 

@@ -16,7 +16,7 @@ import graphopt
 from _half_models import HalfCompute, HalfStorage
 from graphopt.driver import emit_all, select_emitters
 from graphopt.emit import captured_output
-from graphopt_plugins import tflite_emitter
+import graphopt_plugins.tflite as tflite_emitter
 from models import tiny_resnet
 
 EMITTER = tflite_emitter.graphopt_register_emitters()[0]
@@ -93,7 +93,7 @@ def two_by_two(tmp_path_factory) -> tuple[graphopt.Graph, graphopt.Artifact]:
 
 
 def test_registers_the_tflite_emitter_with_its_options():
-    registry = graphopt.load_plugins(["graphopt_plugins.tflite_emitter"], entry_points=False)
+    registry = graphopt.load_plugins(["graphopt_plugins.tflite"], entry_points=False)
     emitter = registry.emitters["tflite"]
     assert emitter.suffix == ".tflite" and emitter.prepare == "tflite-compat" and emitter.missing() == []
     assert {o.name: o.default for o in emitter.options} == {"precision": "fp32", "keep_nchw": False, "int8_io": False}
@@ -104,7 +104,7 @@ def test_registers_the_tflite_emitter_with_its_options():
 
 def test_importing_the_plugin_loads_no_heavy_module():
     heavy = ("tensorflow", "onnx2tf", "ai_edge_litert", "onnx", "tf_keras")
-    code = (f"import sys, graphopt_plugins.tflite_emitter; "
+    code = (f"import sys, graphopt_plugins.tflite; "
             f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
@@ -243,8 +243,8 @@ def test_captured_output_holds_prints_native_writes_and_children(capfd):
 
 
 def test_the_onnx_plugin_is_needed_only_at_emit_time(resnet, tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "graphopt_plugins.onnx_emitter", None)
-    registry = graphopt.load_plugins(["graphopt_plugins.tflite_emitter"], entry_points=False)
+    monkeypatch.setitem(sys.modules, "graphopt_plugins.onnx", None)
+    registry = graphopt.load_plugins(["graphopt_plugins.tflite"], entry_points=False)
     assert "tflite" in registry.emitters
     with pytest.raises(graphopt.EmitError, match="the onnx emitter plugin is missing"):
         tflite_emitter.emit(resnet, {}, tmp_path)
@@ -256,7 +256,7 @@ def test_converts_with_the_network_unreachable(tmp_path):
     code = textwrap.dedent("""
         import sys, torch, graphopt
         from pathlib import Path
-        from graphopt_plugins import tflite_emitter
+        import graphopt_plugins.tflite as tflite_emitter
         torch.manual_seed(0)
         model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.ReLU()).eval()
         graph = graphopt.capture(model, [torch.randn(1, 3, 16, 16)], name="offline")

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from graphopt.driver import optimize
-from graphopt_plugins import tflite_emitter
-from graphopt_plugins.quant_modules import activation_qparams, is_fake_quant
+import graphopt_plugins.tflite as tflite_emitter
+from graphopt.quant import activation_qparams, is_fake_quant
 from models import tiny_mobilenet_v3
 
 pytest.importorskip("litert_torch")

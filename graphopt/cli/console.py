@@ -1,0 +1,96 @@
+"""Rich tables and progress for the CLI; nothing here changes data."""
+from __future__ import annotations
+
+import contextlib
+import sys
+from typing import Iterator, Sequence
+
+from rich.console import Console
+from rich.table import Table
+
+from graphopt.passmanager import PassRecord
+
+
+def human_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def human_count(n: float) -> str:
+    for unit, div in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def err(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2e}"
+
+
+def passes_table(model: dict, records: Sequence[PassRecord]) -> Table:
+    t = Table(title="passes", title_justify="left")
+    for col in ("pass", "time", "changed", "nodes", "params", "MACs", "size", "max abs err", "cosine", "verified"):
+        t.add_column(col, justify="left" if col == "pass" else "right")
+    t.add_row("(captured)", "", "", str(model["nodes"]), human_count(model["params"]),
+              human_count(model["macs"]), human_bytes(model["bytes"]), "", "", "")
+    for r in records:
+        t.add_row(r.name, f"{r.seconds:.2f}s", "yes" if r.modified else "no", str(r.nodes),
+                  human_count(r.params), human_count(r.macs), human_bytes(r.bytes),
+                  err(r.max_abs_err), f"{r.cosine:.6f}", "yes" if r.verified else "NO")
+    return t
+
+
+def artifacts_table(rows: Sequence[dict], extra: str | None = None) -> Table:
+    """``rows`` are report artifact dicts; ``extra`` names one more column they carry."""
+    t = Table(title="artifacts", title_justify="left")
+    for col in ("format", "file", "size", "max abs err", "cosine", "verified") + ((extra,) if extra else ()):
+        t.add_column(col, justify="left" if col in ("format", "file") else "right")
+    for a in rows:
+        cells = [a["format"], a["path"] or "(not written)", human_bytes(a["bytes"]) if a.get("bytes") is not None else "-",
+                 err(a.get("max_abs_err")), "-" if a.get("cosine") is None else f"{a['cosine']:.6f}",
+                 "yes" if a["verified"] else "NO: " + "; ".join(a.get("problems", []))]
+        if extra:
+            v = a.get(extra)
+            cells.append("-" if v is None else (f"{v:.2%}" if isinstance(v, float) else str(v)))
+        t.add_row(*cells)
+    return t
+
+
+class Ui:
+    """Where the CLI writes: tables to stdout, progress and errors to stderr."""
+
+    def __init__(self, quiet: bool = False, json_mode: bool = False):
+        self.quiet = quiet or json_mode
+        width = None if sys.stdout.isatty() else 140   # pipes and CI logs get whole tables
+        self.out = Console(file=sys.stdout, highlight=False, width=width)
+        self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
+
+    def print(self, *things) -> None:
+        if not self.quiet:
+            self.out.print(*things)
+
+    @contextlib.contextmanager
+    def progress(self, first: str) -> Iterator:
+        """A spinner on stderr for long steps (silent when quiet or not a terminal)."""
+        if self.quiet or not self.err.is_terminal:
+            yield lambda message: None
+            return
+        with self.err.status(first) as status:
+            yield lambda message: status.update(message)
+
+
+def bench_table(rows) -> Table:
+    """``rows`` are BenchRow objects from graphopt.cli.bench."""
+    t = Table(title=f"bench ({rows[0].threads} thread(s), {rows[0].runs} runs, round-robin)", title_justify="left")
+    for col in ("artifact", "size", "median ms", "p10-p90 ms", "speed-up", "max rel err", "accuracy"):
+        t.add_column(col, justify="left" if col == "artifact" else "right")
+    for r in rows:
+        t.add_row(r.label, human_bytes(r.bytes) if r.bytes else "-", f"{r.median_ms:.2f}",
+                  f"{r.p10_ms:.2f}-{r.p90_ms:.2f}",
+                  f"{r.speedup:.2f}x vs {r.baseline}" if r.speedup else "-",
+                  "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}",
+                  "-" if r.accuracy is None else f"{r.accuracy:.2%}")
+    return t

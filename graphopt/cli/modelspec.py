@@ -1,0 +1,140 @@
+"""Turn the CLI's MODEL, --input-shape and --train text into a module, example inputs and a
+training function."""
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import re
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+
+from graphopt.errors import UsageError, first_line
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    """``1x3x224x224`` -> (1, 3, 224, 224)."""
+    if not re.fullmatch(r"\d+(x\d+)*", text.strip()) or any(int(d) == 0 for d in text.split("x")):
+        raise UsageError(f"bad input shape {text!r}: write positive sizes joined by x, e.g. 1x3x224x224")
+    return tuple(int(d) for d in text.strip().split("x"))
+
+
+def example_inputs(shapes: list[tuple[int, ...]], seed: int = 0) -> tuple[torch.Tensor, ...]:
+    """Deterministic standard-normal float32 inputs of the given shapes."""
+    gen = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(*s, generator=gen) for s in shapes)
+
+
+def import_object(spec: str, what: str = "model"):
+    """The object named by ``path/to/file.py:name`` or ``package.module:name``; ``what`` it is
+    for ("model", "training function") words the one-line UsageError when it cannot be had."""
+    if ":" not in spec:
+        raise UsageError(f"bad {what} spec {spec!r}: write path/to/file.py:callable or package.module:callable")
+    where, attr = spec.rsplit(":", 1)
+    if where.endswith(".py") or "/" in where or "\\" in where:
+        path = Path(where)
+        if not path.is_file():
+            raise UsageError(f"{what} file {where} does not exist")
+        mod_name = f"graphopt_user_{abs(hash(str(path.resolve())))}"
+        module_spec = importlib.util.spec_from_file_location(mod_name, path)
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[mod_name] = module
+        sys.path.insert(0, str(path.resolve().parent))
+        try:
+            module_spec.loader.exec_module(module)
+        except Exception as exc:
+            raise UsageError(f"importing {where} failed: {type(exc).__name__}: {exc}") from exc
+        finally:
+            sys.path.remove(str(path.resolve().parent))
+    else:
+        try:
+            module = importlib.import_module(where)
+        except Exception as exc:
+            raise UsageError(f"cannot import module {where}: {type(exc).__name__}: {exc}") from exc
+    target = getattr(module, attr, None)
+    if target is None:
+        names = [n for n in dir(module) if not n.startswith("_") and callable(getattr(module, n))]
+        raise UsageError(f"{where} has no {attr!r}; callables there: {', '.join(names[:12]) or 'none'}")
+    return target
+
+
+def load_model(spec: str, weights: str | None = None) -> nn.Module:
+    """Build the model named by ``spec`` and optionally load a state_dict (weights_only)."""
+    target = import_object(spec)
+    try:
+        model = target() if callable(target) and not isinstance(target, nn.Module) else target
+    except Exception as exc:
+        raise UsageError(f"calling {spec} failed: {type(exc).__name__}: {exc}") from exc
+    if not isinstance(model, nn.Module):
+        raise UsageError(f"{spec} returned {type(model).__name__}, not a torch.nn.Module")
+    if weights:
+        path = Path(weights)
+        if not path.is_file():
+            raise UsageError(f"weights file {weights} does not exist")
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            model.load_state_dict(state)
+        except Exception as exc:
+            raise UsageError(f"cannot load weights {weights} into {spec}: {first_line(exc)}") from exc
+    return model
+
+
+def load_train_function(spec: str):
+    """The training function named by ``--train FILE.py:FN`` (or ``package.module:FN``)."""
+    target = import_object(spec, "training function")
+    if not callable(target):
+        raise UsageError(f"--train {spec} is not callable (it is {type(target).__name__}); "
+                         f"name a function fn(module, *, epochs)")
+    return target
+
+
+def add_calibration_option(parser) -> None:
+    """``--calib DATA.npz`` on ``parser``: the option every pass reading ``ctx.data["calibration"]``
+    brings (quantize, fp16; argparse resolves the repeat)."""
+    parser.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for quantize and fp16: one "
+                        "array per input name (or one array), samples along the first dim")
+
+
+def calibration_data(options) -> dict | None:
+    """The ``graphopt_run_data`` answer for ``--calib``: a loader of the calibration batches."""
+    path = getattr(options, "calib", None)
+    return {"calibration": lambda model, inputs: load_calibration(path, model, inputs)} if path else None
+
+
+def load_calibration(path: str, model: nn.Module,
+                     example: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
+    """``--calib DATA.npz``: one array per input (keyed by the forward argument's name, or
+    any single array for a one-input model), samples along the first dim, fed in batches of
+    the example inputs' batch size."""
+    import inspect
+
+    import numpy as np
+    file = Path(path)
+    if not file.is_file():
+        raise UsageError(f"calibration data {path} does not exist")
+    names = list(inspect.signature(model.forward).parameters)[:len(example)]
+    try:
+        with np.load(file, allow_pickle=False) as data:
+            if len(example) == 1 and len(data.files) == 1:
+                arrays = [data[data.files[0]]]
+            else:
+                missing = [n for n in names if n not in data.files]
+                if missing:
+                    raise UsageError(f"calibration data {path} lacks {', '.join(missing)} (it has "
+                                     f"{', '.join(data.files)}); give one array per input name")
+                arrays = [data[n] for n in names]
+    except (OSError, ValueError) as exc:
+        raise UsageError(f"cannot read calibration data {path}: {first_line(exc)}") from exc
+    for name, arr, ex in zip(names, arrays, example):
+        if tuple(arr.shape[1:]) != tuple(ex.shape[1:]):
+            raise UsageError(f"calibration array {name} has samples of shape {tuple(arr.shape[1:])}, "
+                             f"the model takes {tuple(ex.shape[1:])} (--input-shape)")
+    if len({len(a) for a in arrays}) != 1:
+        raise UsageError(f"calibration arrays in {path} differ in length")
+    step = example[0].shape[0]
+    tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(ex.dtype) for a, ex in zip(arrays, example)]
+    return [tuple(t[i:i + step] for t in tensors) for i in range(0, len(tensors[0]), step)]

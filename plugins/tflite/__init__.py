@@ -1,0 +1,423 @@
+"""TFLite emitter: Graph (fp16 graphs upcast) -> .onnx (onnx emitter) -> onnx2tf -> TFLite builtin ops only -> .tflite, run by LiteRT."""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import re
+import shutil
+import tempfile
+from collections import Counter
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+import graphopt
+from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
+from graphopt.emit import captured_output, write_atomic
+from graphopt.errors import first_line
+
+OPTIONS = (
+    Option("precision", str, "fp32", "fp32, or fp16 weights (half the file, errors ~1e-3)",
+           choices=("fp32", "fp16")),
+    Option("keep_nchw", bool, False, "keep torch's channels-first layout for 3-5-D inputs "
+           "(default: channels-last, NHWC, as TFLite kernels want)"),
+    Option("int8_io", bool, False, "quantized graphs: int8 inputs and outputs (default: float, "
+           "quantized inside)"),
+)
+_TORCH_LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
+METADATA = "graphopt"   # the .tflite metadata entry: graphopt version, pipeline, input/output layouts
+# onnx2tf downloads these sample images for 4-D 3-channel inputs unless the file is in its working directory.
+CALIBRATION = "calibration_image_sample_data_20x128x128x3_float32.npy"
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_NOT_BUILTIN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
+
+
+def _channels_last(layout: str) -> bool:
+    return len(layout) >= 3 and layout.endswith("C")
+
+
+def _perm(rank: int) -> tuple[int, ...]:
+    """torch (channels-first) -> channels-last."""
+    return (0, *range(2, rank), 1)
+
+
+def _calibration(inputs: Sequence[torch.Tensor]) -> np.ndarray:
+    """onnx2tf's sample file (20x128x128x3 float32), made of the first 4-D 3-channel example
+    input, NHWC, nearest-resized; onnx2tf resizes it back for its own check inference."""
+    x = next((t for t in inputs if t.dim() == 4 and t.shape[1] == 3), None)
+    if x is None:   # onnx2tf reads the file only for such inputs: shape and dtype are all that matter
+        return np.zeros((20, 128, 128, 3), np.float32)
+    nhwc = x.detach().float().permute(0, 2, 3, 1)
+    rows, cols = (torch.arange(128) * n // 128 for n in nhwc.shape[1:3])
+    return nhwc[:, rows][:, :, cols][torch.arange(20) % len(nhwc)].numpy()
+
+
+def _conversion_error(exc: BaseException, log: str, onnx_model: Any, name: str) -> EmitError:
+    """One line naming the ONNX node onnx2tf stopped at (its name and op type) and why: its
+    first ERROR line before the traceback it logs, else the exception's own message."""
+    log = _ANSI.sub("", log)
+    nodes = re.findall(r"onnx_op_name: (\S+)", log)
+    node = getattr(exc, "onnx_op_name", None) or (nodes[-1] if nodes else None)
+    before_trace = log.split("The trace log is below.")[0]
+    reasons = [line.strip()[len("ERROR:"):].strip() for line in before_trace.splitlines()
+               if line.strip().startswith("ERROR:") and line.strip() != "ERROR:"]
+    reason = (reasons[0] if reasons else first_line(exc)).rstrip(". ")
+    if node is None:
+        return EmitError(f"onnx2tf cannot convert {name}: {reason}")
+    op = next((n.op_type for n in onnx_model.graph.node if n.name == node), "?")
+    return EmitError(f"onnx2tf cannot convert ONNX node {node} ({op}) of {name}: {reason}; "
+                     f"rewrite that op before emitting tflite")
+
+
+def _to_keras(onnx_path: Path, graph: graphopt.Graph, keep: list[str], work: Path) -> Any:
+    """onnx2tf's Keras model of the ONNX file, converted in ``work`` (which it may litter);
+    the 3-5-D inputs named in ``keep`` stay channels-first."""
+    import onnx
+    import onnx2tf
+    import tf_keras
+
+    np.save(work / CALIBRATION, _calibration(graph.example_inputs))
+    tf_keras.backend.clear_session()   # Keras numbers layer names per session: same names, same bytes
+    onnx_model = onnx.load(onnx_path)
+    cwd = os.getcwd()
+    os.chdir(work)
+    try:
+        with captured_output() as log:
+            return onnx2tf.convert(
+                input_onnx_file_path=str(onnx_path), output_folder_path=str(work / "saved_model"),
+                not_use_onnxsim=True, disable_model_save=True, non_verbose=True,
+                keep_ncw_or_nchw_or_ncdhw_input_names=keep or None)
+    except (Exception, SystemExit) as exc:   # onnx2tf calls sys.exit(1) on many errors
+        raise _conversion_error(exc, log.text, onnx_model, graph.name) from exc
+    finally:
+        os.chdir(cwd)
+
+
+def converter_for(model: Any, output_names: list[str]) -> Any:
+    """A TFLite converter of the Keras model whose signature's inputs and outputs carry the
+    ONNX names (the emitter's, and bench peers' that set their own options)."""
+    import tensorflow as tf
+
+    def named(*inputs):
+        return dict(zip(output_names, tf.nest.flatten(model(list(inputs)))))
+
+    function = tf.function(named, input_signature=[tf.TensorSpec(t.shape, t.dtype, t.name)
+                                                   for t in model.inputs])
+    # The converter saves the function's owner as a SavedModel. Not the Keras model, whose config
+    # TF would serialize to JSON, constants and all (4 minutes for ResNet-18): its weights only.
+    owner = tf.Module()
+    owner.weights = list(model.weights)
+    return tf.lite.TFLiteConverter.from_concrete_functions([function.get_concrete_function()], owner)
+
+
+def _to_tflite(model: Any, output_names: list[str], precision: str, name: str) -> bytes:
+    """The .tflite bytes of the Keras model, TFLite builtin ops only."""
+    import tensorflow as tf
+
+    converter = converter_for(model, output_names)
+    converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
+    if precision == "fp16":
+        converter.optimizations = [tf.lite.Optimize.DEFAULT]
+        converter.target_spec.supported_types = [tf.float16]
+    try:
+        with captured_output():
+            data = converter.convert()
+    except Exception as exc:
+        ops = sorted(set(_NOT_BUILTIN.findall(str(exc))))
+        if ops:
+            raise EmitError(f"{name} needs TensorFlow ops that are not TFLite builtins ({', '.join(ops)}); "
+                            f"rewrite them before emitting tflite (graphopt never uses Flex ops)") from exc
+        raise EmitError(f"TFLite conversion of {name} failed: {first_line(exc)}") from exc
+    return data
+
+
+def _read(data: bytes) -> Any:
+    from ai_edge_litert import schema_py_generated as schema
+    return schema.Model.GetRootAs(data, 0)
+
+
+def operators(data: bytes) -> tuple[Counter, list[str]]:
+    """The operators of a .tflite file's bytes: counts of the builtin ones by name (CONV_2D),
+    and the custom ones by code (Flex ops, i.e. select TensorFlow ops, are FlexErf and the like)."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
+    model, builtin, custom = _read(data), Counter(), set()
+    for s in range(model.SubgraphsLength()):
+        subgraph = model.Subgraphs(s)
+        for i in range(subgraph.OperatorsLength()):
+            code = model.OperatorCodes(subgraph.Operators(i).OpcodeIndex())
+            number = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
+            if number == schema.BuiltinOperator.CUSTOM:
+                custom.add(code.CustomCode().decode())
+            else:
+                builtin[names[number]] += 1
+    return builtin, sorted(custom)
+
+
+def _with_metadata(data: bytes, info: dict) -> bytes:
+    """``data`` with ``info`` as JSON in the metadata entry METADATA."""
+    import flatbuffers
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    buffer = schema.BufferT()
+    buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
+    entry = schema.MetadataT()
+    entry.name, entry.buffer = METADATA, len(model.buffers)
+    model.buffers.append(buffer)
+    model.metadata = [*(model.metadata or []), entry]
+    builder = flatbuffers.Builder(len(data) + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def _metadata(data: bytes, path: Path) -> dict:
+    model = _read(data)
+    for i in range(model.MetadataLength()):
+        entry = model.Metadata(i)
+        if entry.Name() == METADATA.encode():
+            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
+    raise EmitError(f"{path} has no graphopt metadata (tensor layouts); emit it with graphopt")
+
+
+def _fits(value: dict, details: dict) -> list[str]:
+    """The layouts in which the .tflite may hold torch's ``value``: its own, channels-last."""
+    shape, layout = value["shape"], value["layout"]
+    actual = [int(d) for d in details[value["name"]]["shape"]]
+    fits = [layout] if actual == shape else []
+    if layout in ("NCL", "NCHW", "NCDHW") and actual == [shape[i] for i in _perm(len(shape))]:
+        fits.append(layout.replace("C", "") + "C")
+    if not fits:
+        raise EmitError(f"onnx2tf gave {value['name']} the shape {actual}, no layout of torch's {shape}")
+    return fits
+
+
+def _spec(value: dict, details: dict, layout: str) -> dict:
+    detail = details[value["name"]]
+    return {"name": value["name"], "shape": [int(d) for d in detail["shape"]],
+            "dtype": np.dtype(detail["dtype"]).name, "layout": layout}
+
+
+def _to_torch(array: np.ndarray, layout: str, quantization: list | None = None) -> torch.Tensor:
+    if quantization:                                   # an int8 output: back to real numbers
+        scale, zero_point = quantization
+        array = (array.astype(np.float32) - zero_point) * np.float32(scale)
+    if _channels_last(layout):
+        array = array.transpose(np.argsort(_perm(array.ndim)))
+    return torch.from_numpy(np.ascontiguousarray(array))
+
+
+def _feed(inputs: Sequence[torch.Tensor], specs: list[dict], file: str) -> dict[str, np.ndarray]:
+    if len(inputs) != len(specs):
+        raise EmitError(f"{file} takes {len(specs)} inputs, got {len(inputs)}")
+    feed = {}
+    for t, spec in zip(inputs, specs):
+        array = t.detach().cpu().numpy()
+        if spec.get("quantization"):                   # an int8 input: quantize with its scale
+            scale, zero_point = spec["quantization"]
+            array = np.clip(np.round(array / scale) + zero_point, -128, 127)
+        array = array.astype(spec["dtype"], copy=False)
+        if _channels_last(spec["layout"]):
+            array = array.transpose(_perm(array.ndim))
+        if list(array.shape) != spec["shape"]:
+            raise EmitError(f"{file} takes {spec['name']} of shape {spec['shape']} ({spec['layout']}), "
+                            f"got {list(t.shape)} in torch layout")
+        feed[spec["name"]] = np.ascontiguousarray(array)
+    return feed
+
+
+def _closest(fits: list[str], actual: np.ndarray, expected: torch.Tensor) -> str:
+    return min(fits, key=lambda layout: float((_to_torch(actual, layout) - expected).abs().max()))
+
+
+def _specs(data: bytes, onnx_meta: dict, graph: graphopt.Graph, keep_nchw: bool) -> tuple[list, list]:
+    """Name, shape, dtype and layout of the .tflite's inputs and outputs, in torch order. An
+    output whose shape fits both layouts gets the one that reproduces ``graph``'s numbers."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    signature = Interpreter(model_content=data).get_signature_runner()
+    details = signature.get_input_details()
+    inputs = [_spec(v, details, _fits(v, details)[0 if keep_nchw else -1]) for v in onnx_meta["inputs"]]
+    details = signature.get_output_details()
+    fits = [_fits(v, details) for v in onnx_meta["outputs"]]
+    if any(len(f) > 1 for f in fits):
+        with captured_output():
+            actual = signature(**_feed(graph.example_inputs, inputs, graph.name))
+        fits = [[_closest(f, actual[v["name"]], expected)]
+                for f, v, expected in zip(fits, onnx_meta["outputs"], graph.run())]
+    return inputs, [_spec(v, details, f[0]) for v, f in zip(onnx_meta["outputs"], fits)]
+
+
+def _fp32_copy(graph: graphopt.Graph) -> graphopt.Graph | None:
+    """For a graph holding fp16 tensors (after the fp16 pass), the same graph computing in fp32:
+    fp16 tensors upcast, casts to fp16 dropped, inputs fp32 (``graphopt.precision`` cleared).
+    TFLite's float16 conversion then stores its weights in half again. None for a graph
+    without fp16 tensors."""
+    if graph.precision != "fp16":
+        return None
+    gm = copy.deepcopy(graph.module)
+    gm._apply(lambda t: t.float() if t.dtype == torch.float16 else t)
+    for node in list(gm.graph.nodes):
+        node.meta.pop("graphopt.precision", None)
+        if node.op == "call_method" and (node.target == "half" or (
+                node.target == "to" and torch.float16 in (*node.args[1:], *node.kwargs.values()))):
+            node.replace_all_uses_with(node.args[0])
+            gm.graph.erase_node(node)
+    gm.recompile()
+    upcast = graph.replace(gm)
+    upcast.meta["precision"] = "fp32"
+    return upcast
+
+
+def _onnx_emitter() -> Any:
+    try:
+        import graphopt_plugins.onnx as onnx_emitter
+    except ImportError as exc:
+        raise EmitError(f"the tflite emitter converts through ONNX but the onnx emitter plugin is missing "
+                        f"({first_line(exc)})") from exc
+    return onnx_emitter
+
+
+def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
+    """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16, which an
+    fp16 graph always gets)."""
+    opts = {o.name: o.default for o in OPTIONS} | dict(options)
+    if graph.precision == "int8":
+        return _emit_int8(graph, opts, out_dir)
+    if opts["int8_io"]:
+        raise EmitError(f"int8_io needs a quantized graph; {graph.name} is not (run quantize first)")
+    upcast = _fp32_copy(graph)
+    if upcast is not None:
+        graph, opts["precision"] = upcast, "fp16"
+    onnx_emitter = _onnx_emitter()
+    try:
+        with captured_output():
+            import onnx2tf
+            import tensorflow
+            import ai_edge_litert.interpreter  # noqa: F401
+    except ImportError as exc:
+        raise EmitError(f"tflite conversion needs onnx2tf, TensorFlow and LiteRT: {first_line(exc)}; "
+                        f"pip install 'graphopt[tflite]'") from exc
+    work = Path(tempfile.mkdtemp(prefix="graphopt-tflite-"))
+    try:
+        # Unsimplified: onnxsim turns 3-D MatMul into Reshape -> Gemm -> Reshape, whose tokens
+        # onnx2tf then lays out wrongly (Swin: 0.49 relative error); TFLite folds constants anyway.
+        onnx_artifact = onnx_emitter.emit(graph, {"simplify": False}, work)
+        onnx_meta = onnx_artifact.meta
+        keep = [v["name"] for v in onnx_meta["inputs"] if opts["keep_nchw"] and 3 <= len(v["shape"]) <= 5]
+        model = _to_keras(onnx_artifact.path, graph, keep, work)
+        output_names = [v["name"] for v in onnx_meta["outputs"]]
+        if len(model.outputs) != len(output_names):
+            raise EmitError(f"onnx2tf kept {len(model.outputs)} of the {len(output_names)} outputs "
+                            f"of {graph.name}")
+        data = _to_tflite(model, output_names, opts["precision"], graph.name)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    ops, custom = operators(data)
+    if custom:
+        raise EmitError(f"the TFLite model of {graph.name} uses ops outside the TFLite builtins "
+                        f"({', '.join(custom)}); graphopt ships builtin ops only")
+    inputs, outputs = _specs(data, onnx_meta, graph, opts["keep_nchw"])
+    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
+            "precision": opts["precision"], "inputs": inputs, "outputs": outputs}
+    suffix = "" if opts["precision"] == "fp32" else f"_{opts['precision']}"
+    target = Path(out_dir) / f"{graph.name}{suffix}.tflite"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, _with_metadata(data, info))
+    meta = {"precision": opts["precision"], "onnx_opset": onnx_meta["opset"],
+            "converter": f"onnx2tf {onnx2tf.__version__}, TensorFlow {tensorflow.__version__}",
+            "op_types": dict(sorted(ops.items())), "inputs": inputs, "outputs": outputs}
+    if upcast is not None:
+        meta["fp16"] = "weights: the fp16 graph upcast to fp32, converted with TFLite float16 weights"
+    return Artifact("tflite", target, meta)
+
+
+def _emit_int8(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
+    """A quantized graph => ``<name>_int8.tflite`` through litert-torch (``tflite_int8``):
+    int8 kernels holding the graph's own scales."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        from . import int8 as tflite_int8
+        with captured_output():
+            import litert_torch
+    except ImportError as exc:
+        raise EmitError(f"int8 TFLite needs litert-torch: {first_line(exc)}; pip install "
+                        f"'graphopt[tflite]'") from exc
+    try:
+        data, io = tflite_int8.convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"])
+    except Exception as exc:
+        raise EmitError(f"litert-torch could not convert the quantized {graph.name}: {first_line(exc)}") from exc
+    ops, custom = operators(data)
+    if custom:
+        raise EmitError(f"the int8 TFLite model of {graph.name} uses ops outside the TFLite builtins "
+                        f"({', '.join(custom)}); graphopt ships builtin ops only")
+    signature = Interpreter(model_content=data).get_signature_runner()
+    specs = {}
+    for kind, details in (("inputs", signature.get_input_details()), ("outputs", signature.get_output_details())):
+        specs[kind] = []
+        for value in io[kind]:
+            d = details[value["name"]]
+            rank = len(d["shape"])
+            layout = _TORCH_LAYOUTS.get(rank, "torch")
+            if value["layout"] == "channels_last":
+                layout = layout.replace("C", "") + "C"
+            dtype = np.dtype(d["dtype"]).name
+            specs[kind].append({"name": value["name"], "shape": [int(x) for x in d["shape"]], "dtype": dtype,
+                                "layout": layout,
+                                "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
+                                if dtype == "int8" else None})
+    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
+            "precision": "int8", **specs}
+    target = Path(out_dir) / f"{graph.name}_int8{'_io' if opts['int8_io'] else ''}.tflite"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, _with_metadata(data, info))
+    return Artifact("tflite", target, {
+        "precision": "int8", "converter": f"litert-torch {litert_torch.__version__} (STATIC, strict QDQ)",
+        "op_types": dict(sorted(ops.items())), "int8_io": opts["int8_io"], **specs,
+        "scales": tflite_int8.scale_check(data, graph.module)})
+
+
+def precision(path: Path) -> str:
+    """The precision in graphopt's metadata entry (fp32 when an older graphopt left it out)."""
+    return _metadata(Path(path).read_bytes(), path).get("precision", "fp32")
+
+
+def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
+    """A runner on LiteRT's interpreter (XNNPACK on CPU); ``threads`` sets its thread count."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    path = Path(artifact.path)
+    data = path.read_bytes()
+    info = _metadata(data, path)
+    try:
+        with captured_output():   # "Created TensorFlow Lite XNNPACK delegate" on stderr
+            interpreter = Interpreter(model_content=data, num_threads=threads)
+            interpreter.allocate_tensors()
+        signature = interpreter.get_signature_runner()
+    except Exception as exc:
+        raise EmitError(f"LiteRT cannot load {path}: {first_line(exc)}") from exc
+
+    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        feed = _feed(inputs, info["inputs"], path.name)
+        try:
+            outputs = signature(**feed)
+        except Exception as exc:
+            raise EmitError(f"LiteRT failed to run {path.name}: {first_line(exc)}") from exc
+        return [_to_torch(outputs[o["name"]], o["layout"], o.get("quantization")) for o in info["outputs"]]
+
+    return run
+
+
+@graphopt.hookimpl
+def graphopt_register_emitters() -> list[Emitter]:
+    return [Emitter(
+        format="tflite",
+        description="TFLite via ONNX and onnx2tf, builtin ops only, NHWC inputs; run by LiteRT (CPU)",
+        suffix=".tflite", emit=emit, load=load, options=OPTIONS, precision=precision,
+        modules=("onnx", "onnxruntime", "onnxsim", "onnx2tf", "tensorflow", "ai_edge_litert"),
+        tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999), prepare="tflite-compat")]

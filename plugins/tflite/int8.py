@@ -1,0 +1,144 @@
+"""int8 TFLite from a quantized graph, with graphopt's scales: every fake quant => a
+quantized_decomposed q/dq pair (int8), every WeightFakeQuant => per-channel q/dq, then
+litert-torch (torch.export -> LiteRT converter in STATIC, strict QDQ mode) => int8 kernels.
+No quantizer or calibration of litert-torch runs: offline and deterministic.
+
+onnx2tf's path cannot carry given scales (TF's converter calibrates its own), hence this
+route. It uses one private hook of litert-torch (its converter config), so the extra pins
+litert-torch==0.10.0.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Sequence
+
+import torch
+from torch import fx
+from torch.nn.utils import parametrize
+
+import graphopt.qdq as quant_qdq
+from graphopt.quant import is_fake_quant
+
+
+def _perm(rank: int) -> list[int]:
+    """torch (channels-first) -> channels-last."""
+    return [0, *range(2, rank), 1]
+
+
+def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
+           channels_last: bool = True) -> tuple[fx.GraphModule, dict[str, torch.Tensor], dict]:
+    """A copy of ``gm`` with int8 q/dq pairs for its fake quants, returning a dict of outputs
+    (output_0, ...); its sample inputs by name; and the I/O description {"inputs"/"outputs":
+    [{name, layout}]}. ``channels_last``: 3-5-D inputs and outputs channels-last (NHWC)."""
+    with torch.no_grad():
+        ranks = [t.dim() for t in torch.utils._pytree.tree_flatten(gm(*example_inputs))[0]]
+    gm, _ = quant_qdq.to_qdq(gm)
+    g = gm.graph
+
+    placeholders = [n for n in g.nodes if n.op == "placeholder"]
+    samples, io = {}, {"inputs": [], "outputs": []}
+    for n, t in zip(placeholders, example_inputs):
+        layout = "torch"
+        if channels_last and 3 <= t.dim() <= 5:
+            layout = "channels_last"
+            perm = _perm(t.dim())
+            t = t.permute(perm).contiguous()
+            with g.inserting_after(n):
+                back = g.call_function(torch.permute, (n, [perm.index(i) for i in range(t.dim())]))
+            n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        samples[n.name] = t
+        io["inputs"].append({"name": n.name, "shape": list(t.shape), "layout": layout})
+
+    output = next(n for n in g.nodes if n.op == "output")
+    flat = torch.utils._pytree.tree_flatten(output.args[0])[0]
+    outs = {}
+    for i, v in enumerate(flat):
+        layout = "torch"
+        if channels_last and 3 <= ranks[i] <= 5:
+            layout = "channels_last"
+            with g.inserting_before(output):
+                v = g.call_function(torch.permute, (v, _perm(ranks[i])))
+        outs[f"output_{i}"] = v
+        io["outputs"].append({"name": f"output_{i}", "layout": layout})
+    output.args = (outs,)   # a dict: litert-torch names the signature's outputs by its keys
+    g.eliminate_dead_code()
+    gm.recompile()
+    return gm.eval(), samples, io
+
+
+@contextlib.contextmanager
+def _static_strict_qdq():
+    """litert-torch sets the LiteRT converter's qdq_conversion_mode=STATIC only when given a PT2E
+    quantizer, and never strict_qdq_mode. STATIC turns q/dq pairs into int8 ops with their scales;
+    strict keeps float inputs/outputs behind QUANTIZE/DEQUANTIZE (else the boundary q/dq are
+    folded into int8 I/O) and keeps ops without q/dq in float."""
+    from litert_torch._convert import litert_converter
+
+    api = litert_converter.converter_api_ext
+    original = api.ConvertToTFLConfig
+
+    def config():
+        c = original()
+        c.qdq_conversion_mode, c.strict_qdq_mode = "STATIC", True
+        return c
+
+    api.ConvertToTFLConfig = config
+    try:
+        yield
+    finally:
+        api.ConvertToTFLConfig = original
+
+
+def _int8_io(data: bytes) -> bytes:
+    """The model with its float inputs' QUANTIZE and float outputs' DEQUANTIZE ops removed, so it
+    takes and returns the int8 tensors (TF's own flatbuffer rewrite, used by TFLiteConverter for
+    inference_input_type=tf.int8); it raises if an input or output is not quantized."""
+    import tensorflow as tf
+    from tensorflow.lite.python.util import modify_model_io_type
+
+    return bytes(modify_model_io_type(data, tf.int8, tf.int8))
+
+
+def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io: bool = False,
+            channels_last: bool = True) -> tuple[bytes, dict]:
+    """The int8 .tflite of the fake-quant ``gm``: float inputs and outputs (QUANTIZE/DEQUANTIZE
+    inside) or, for ``int8_io``, int8 ones carrying the scale and zero point of the fake quants
+    right after the inputs and right before the outputs; and the I/O description of ``to_qdq``."""
+    from graphopt.emit import captured_output
+
+    module, samples, io = to_qdq(gm, example_inputs, channels_last)
+    with captured_output():   # litert-torch's progress lines, absl logs
+        import litert_torch
+
+        with _static_strict_qdq():
+            data = litert_torch.convert(module, sample_kwargs=samples).model_content()
+        if int8_io:
+            data = _int8_io(data)
+    return bytes(data), io
+
+
+def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
+    """How the int8 tensors' scales in the .tflite compare with the graph's: activations with
+    the fake quants' scales, weights with the per-channel WeightFakeQuant scales."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    ours = sorted({float(n.args[1]) for n in gm.graph.nodes if is_fake_quant(n)})
+    weights = [m.parametrizations.weight[0].scale.double().numpy() for m in gm.modules()
+               if parametrize.is_parametrized(m, "weight")]
+    checked, worst, unmatched = 0, 0.0, 0
+    for t in Interpreter(model_content=data).get_tensor_details():
+        q = t["quantization_parameters"]
+        if t["dtype"].__name__ != "int8" or not len(q["scales"]):
+            continue
+        scales = q["scales"].astype("float64")
+        if len(scales) == 1:
+            best = min((abs(scales[0] - s) / s for s in ours), default=1.0)
+        else:
+            best = min((float(abs(scales - w).max() / w.max()) for w in weights if len(w) == len(scales)),
+                       default=1.0)
+        checked += 1
+        if best > 1e-6:
+            unmatched += 1
+        else:
+            worst = max(worst, float(best))
+    return {"checked": checked, "max_rel_diff": worst, "unmatched": unmatched}

@@ -1,0 +1,21 @@
+"""GELU(erf), erf => erf polynomial; GELU(tanh) => tanh formula; MultiheadAttention, SDPA =>
+matmul/softmax; unbind => select; flatten(2) -> transpose(1, 2) => permute -> reshape; expand =>
+x or repeat; x op number => x op constant tensor. Run by the tflite emitter's prepare."""
+from __future__ import annotations
+
+import graphopt
+from graphopt import Effect, Pass
+from graphopt.rewrite import rewrite_pass
+
+from . import attention, gelu, layout, scalars
+
+REWRITES = [*attention.REWRITES, *gelu.REWRITES, *layout.REWRITES, *scalars.REWRITES]
+
+run = rewrite_pass(REWRITES)
+
+
+@graphopt.hookimpl
+def graphopt_register_passes():
+    return [Pass("tflite-compat", "Rewrite what onnx2tf cannot take (GELU, erf, attention, qkv unbind, "
+                                  "patch tokens, expand, scalar operands) into TFLite-builtin equivalents",
+                 run, Effect.EXACT)]
