@@ -27,14 +27,14 @@ import graphopt  # noqa: E402
 from graphopt.cli.bench import Subject, bench, markdown, plot, run_subjects  # noqa: E402
 from graphopt.driver import optimize  # noqa: E402
 from graphopt.cli.modelspec import example_inputs  # noqa: E402
-from models import mobilenet_v2, resnet18  # noqa: E402
+from zoo.cnn import mobilenet_v2, resnet18  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 
 
 def _optimize(model, inputs, registry, pipeline, formats, out, name):
     result = optimize(model, inputs, registry, pipeline=pipeline, formats=formats, out_dir=out,
-                      model_spec=f"tests/models.py:{name}", name=name)
+                      model_spec=f"tests/zoo/cnn.py:{name}", name=name)
     if not result.ok:
         raise SystemExit(f"{name} ({result.pipeline.pipeline}): artifacts did not verify: "
                          f"{result.report['artifacts']}")

@@ -37,7 +37,7 @@ from graphopt.driver import ArtifactCheck, check_artifact, emit_one, optimize, s
 from graphopt.graph import Graph, flatten_outputs  # noqa: E402
 from graphopt.metrics import compare  # noqa: E402
 from graphopt.cli.modelspec import example_inputs  # noqa: E402
-from models import mobilenet_v2, resnet18  # noqa: E402
+from zoo.cnn import mobilenet_v2, resnet18  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 GRAPHOPT, TP, UNPRUNED = "graphopt", "Torch-Pruning", "unpruned"
@@ -110,7 +110,7 @@ def _straight(name: str, method: str, ratio: float | None, model: torch.nn.Modul
 def _graphopt(name: str, model, inputs, registry, ratio: float, stage: Path, threads: int) -> Variant:
     pipeline = f"prune(ratio={ratio})"
     result = optimize(model, inputs, registry, pipeline=pipeline, formats="onnx", out_dir=stage,
-                      model_spec=f"tests/models.py:{name}", name=name)
+                      model_spec=f"tests/zoo/cnn.py:{name}", name=name)
     if not result.ok:
         raise SystemExit(f"{name} ({pipeline}): artifacts did not verify: {result.report['artifacts']}")
     (emitter, _), check = result.requests[0], result.artifacts[0]

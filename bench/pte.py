@@ -35,7 +35,7 @@ import graphopt  # noqa: E402
 from graphopt.cli.bench import Subject, bench, markdown  # noqa: E402
 from graphopt.emit import Artifact, captured_output  # noqa: E402
 from graphopt.metrics import compare  # noqa: E402
-from models import mobilenet_v2, resnet18, tiny_resnet  # noqa: E402
+from zoo.cnn import mobilenet_v2, resnet18, tiny_resnet  # noqa: E402
 
 MODELS = {"tiny_resnet": (tiny_resnet, (1, 3, 32, 32)), "resnet18": (resnet18, (1, 3, 224, 224)),
           "mobilenet_v2": (mobilenet_v2, (1, 3, 224, 224))}

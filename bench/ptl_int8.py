@@ -28,7 +28,7 @@ from graphopt.cli.bench import Subject, bench  # noqa: E402
 from graphopt.metrics import compare  # noqa: E402
 import graphopt_plugins.ptl as ptl_emitter
 import graphopt_plugins.ptl.int8 as ptl_int8
-from models import mobilenet_v2, resnet18  # noqa: E402
+from zoo.cnn import mobilenet_v2, resnet18  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2}
 SHAPE = (1, 3, 224, 224)

@@ -52,7 +52,7 @@ from graphopt.graph import flatten_outputs  # noqa: E402
 from graphopt.metrics import Metrics, compare  # noqa: E402
 from graphopt.cli.modelspec import example_inputs  # noqa: E402
 from graphopt.passmanager import run_pipeline  # noqa: E402
-from models import mobilenet_v2, mobilenet_v3, resnet18  # noqa: E402
+from zoo.cnn import mobilenet_v2, mobilenet_v3, resnet18  # noqa: E402
 
 MODELS = {"resnet18": resnet18, "mobilenet_v2": mobilenet_v2, "mobilenet_v3": mobilenet_v3}
 FORMATS = ("onnx", "ptl", "tflite")
@@ -86,7 +86,7 @@ class Variant:
 
 def _optimize(model, inputs, registry, pipeline: str, out: Path, name: str, calibration) -> RunResult:
     result = optimize(model, inputs, registry, pipeline=pipeline, formats=",".join(FORMATS), out_dir=out,
-                      model_spec=f"tests/models.py:{name}", name=name, data={"calibration": calibration})
+                      model_spec=f"tests/zoo/cnn.py:{name}", name=name, data={"calibration": calibration})
     if not result.ok:
         raise SystemExit(f"{name} ({pipeline}): artifacts did not verify: {result.report['artifacts']}")
     return result
@@ -281,7 +281,7 @@ def _tf_converter_peer(fp32: RunResult, calibration, registry):
         path.write_bytes(data)
         try:   # when LiteRT refuses the file, say which scales the converter gave
             specs_in, specs_out = te._specs(data, onnx_artifact.meta, graph, False)
-            path.write_bytes(te._with_metadata(data, {"graphopt": "bench peer", "pipeline": "TF converter int8",
+            path.write_bytes(te.with_metadata(data, {"graphopt": "bench peer", "pipeline": "TF converter int8",
                                                       "inputs": specs_in, "outputs": specs_out}))
             return path, registry.emitters["tflite"].load(Artifact("tflite", path), threads=threads)
         except Exception as exc:

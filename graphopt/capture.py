@@ -63,9 +63,7 @@ def _trace_error(model: nn.Module, tracer: _Tracer, exc: Exception) -> CaptureEr
 
 
 def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-    if isinstance(example_inputs, torch.Tensor):
-        return (example_inputs,)
-    inputs = tuple(example_inputs)
+    inputs = (example_inputs,) if isinstance(example_inputs, torch.Tensor) else tuple(example_inputs)
     if not inputs or not all(isinstance(t, torch.Tensor) for t in inputs):
         raise CaptureError("example_inputs must be a tensor or a non-empty sequence of tensors")
     return inputs
@@ -95,8 +93,7 @@ def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tens
         graph = tracer.trace(model, concrete_args)
     except Exception as exc:
         raise _trace_error(model, tracer, exc) from exc
-    gm = fx.GraphModule(tracer.root, graph, name or type(model).__name__)
-    gm.eval()
+    gm = fx.GraphModule(tracer.root, graph, name or type(model).__name__).eval()
     try:
         traced = annotate(gm, inputs)
     except Exception as exc:

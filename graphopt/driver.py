@@ -5,7 +5,6 @@ only when every requested format verified, so a failed run changes nothing alrea
 """
 from __future__ import annotations
 
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,10 +42,9 @@ class ArtifactCheck:
 
     def as_dict(self) -> dict:
         return {"format": self.artifact.format, "path": str(self.artifact.path) if self.installed else None,
-                "bytes": self.bytes, "verified": self.verified,
-                "max_abs_err": self.vs_reference.max_abs, "cosine": self.vs_reference.cosine,
-                "max_abs_err_vs_graph": self.vs_graph.max_abs, "problems": self.problems,
-                "seconds": round(self.seconds, 4), "meta": self.artifact.meta}
+                "bytes": self.bytes, "verified": self.verified, "max_abs_err": self.vs_reference.max_abs,
+                "cosine": self.vs_reference.cosine, "max_abs_err_vs_graph": self.vs_graph.max_abs,
+                "problems": self.problems, "seconds": round(self.seconds, 4), "meta": self.artifact.meta}
 
 
 @dataclass
@@ -77,10 +75,9 @@ def select_emitters(registry: Registry, formats: str | Sequence[str]) -> list[Em
     except PipelineError as exc:
         raise UsageError(str(exc)) from None
     for emitter, _ in chosen:
-        missing = emitter.missing()
-        if missing:
-            raise UsageError(f"format {emitter.format} needs {', '.join(missing)}; install them with "
-                             f"pip install 'graphopt[all]'")
+        if emitter.missing():
+            raise UsageError(f"format {emitter.format} needs {', '.join(emitter.missing())}; install them "
+                             f"with pip install 'graphopt[all]'")
     return chosen
 
 
@@ -90,10 +87,8 @@ def check_artifact(emitter: Emitter, artifact: Artifact, inputs: Sequence[torch.
     """Run ``artifact`` in its runtime and compare with ``expected`` under ``tolerance``."""
     start = time.perf_counter()
     try:
-        runner = emitter.load(artifact)
-        outputs = runner(list(inputs))
-        vs_graph = compare(expected, outputs)
-        vs_ref = compare(reference, outputs)
+        outputs = emitter.load(artifact)(list(inputs))
+        vs_graph, vs_ref = compare(expected, outputs), compare(reference, outputs)
     except EmitError:
         raise
     except Exception as exc:
@@ -129,18 +124,14 @@ def emit_one(graph: Graph, emitter: Emitter, options: dict, stage: Path, registr
 def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path, reference: Sequence[torch.Tensor],
              registry: Registry, *, progress: Progress | None = None) -> list[ArtifactCheck]:
     """Emit and verify every requested format; install the files only if all of them verified."""
-    out_dir = Path(out_dir)
-    created = not out_dir.exists()
-    expected = graph.run()
-    checks: list[ArtifactCheck] = []
+    out_dir, say = Path(out_dir), progress or (lambda text: None)
+    created, expected, checks = not out_dir.exists(), graph.run(), []
     try:
         with staging_dir(out_dir) as stage:
             for emitter, options in requests:
-                if progress:
-                    progress(f"emitting {emitter.format}")
+                say(f"emitting {emitter.format}")
                 artifact = emit_one(graph, emitter, options, stage, registry)
-                if progress:
-                    progress(f"verifying {emitter.format} in its runtime")
+                say(f"verifying {emitter.format} in its runtime")
                 # judged by the precision the emitter wrote (an fp16 graph gives an fp16 file), else asked for
                 precision = artifact.meta.get("precision", options.get("precision", "fp32"))
                 checks.append(check_artifact(emitter, artifact, graph.example_inputs, expected, reference,
@@ -162,62 +153,38 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path, refer
 
 def build_report(model_spec: str, original: Graph, run: PipelineRun, checks: Sequence[ArtifactCheck],
                  seconds: float, error: str | None = None) -> dict:
-    """The report JSON (schema documented in the README; ``version`` bumps on breaking change)."""
-    return {
-        "version": REPORT_VERSION,
-        "graphopt": __version__,
-        "model": {"spec": model_spec, "name": original.name, "inputs": original.input_specs(),
-                  **original.stats()},
-        "pipeline": run.pipeline if run else "",
-        "passes": [r.as_dict() for r in (run.records if run else [])],
-        "artifacts": [c.as_dict() for c in checks],
-        "ok": error is None and all(r.verified for r in (run.records if run else [])) and
-              all(c.verified for c in checks),
-        "error": error,
-        "seconds": round(seconds, 3),
-    }
+    """The report JSON (schema in docs/report.md; ``version`` bumps on breaking change)."""
+    records = run.records if run else []
+    return {"version": REPORT_VERSION, "graphopt": __version__,
+            "model": {"spec": model_spec, "name": original.name, "inputs": original.input_specs(),
+                      **original.stats()},
+            "pipeline": run.pipeline if run else "", "passes": [r.as_dict() for r in records],
+            "artifacts": [c.as_dict() for c in checks],
+            "ok": error is None and all(r.verified for r in records) and all(c.verified for c in checks),
+            "error": error, "seconds": round(seconds, 3)}
 
 
 def optimize(model: nn.Module, example_inputs: Sequence[torch.Tensor], registry: Registry, *,
              pipeline: str | None = None, formats: str | Sequence[str] = (), out_dir: Path | None = None,
-             model_spec: str = "", name: str | None = None, verify: bool = True,
-             leaf_modules: Sequence = (), data: dict | None = None,
-             print_ir_after: Sequence[str] = (),
-             on_ir: Callable[[str, str], None] | None = None,
-             on_pass: Callable[[PassRecord], None] | None = None,
+             model_spec: str = "", name: str | None = None, verify: bool = True, leaf_modules: Sequence = (),
+             data: dict | None = None, print_ir_after: Sequence[str] = (),
+             on_ir: Callable[[str, str], None] | None = None, on_pass: Callable[[PassRecord], None] | None = None,
              progress: Progress | None = None) -> RunResult:
     """The whole job behind ``graphopt run``; raises GraphoptError on bad input or a failed pass."""
-    start = time.perf_counter()
+    start, say = time.perf_counter(), progress or (lambda text: None)
     requests = select_emitters(registry, formats)
     if requests and out_dir is None:
         raise UsageError("give an output directory (--out DIR) for the artifacts")
-    if progress:
-        progress("capturing with torch.fx")
+    say("capturing with torch.fx")
     graph = capture(model, example_inputs, leaf_modules=leaf_modules, name=name)
     text = registry.default_pipeline() if pipeline is None else pipeline
-    if progress:
-        progress(f"running pipeline {text or '(empty)'}")
+    say(f"running pipeline {text or '(empty)'}")
     if text:
         run = run_pipeline(graph, text, registry, verify=verify, data=data,
                            print_ir_after=print_ir_after, on_ir=on_ir, on_pass=on_pass)
     else:
         run = PipelineRun(graph.clone(), "", graph.run(), [])
-    optimized = run.graph
-    optimized.meta["pipeline"] = run.pipeline
-    checks = emit_all(optimized, requests, out_dir, run.reference, registry,
-                      progress=progress) if requests else []
+    run.graph.meta["pipeline"] = run.pipeline
+    checks = emit_all(run.graph, requests, out_dir, run.reference, registry, progress=progress) if requests else []
     report = build_report(model_spec, graph, run, checks, time.perf_counter() - start)
-    return RunResult(optimized, graph, run, checks, report, requests)
-
-
-def check_out_dir(path: Path) -> Path:
-    """Fail early, before any work, if ``path`` cannot become a writable directory."""
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise UsageError(f"output path {path} exists and is not a directory; choose another --out")
-    probe = path
-    while not probe.exists():
-        probe = probe.parent
-    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
-        raise UsageError(f"cannot write to {path}: {probe} is not a writable directory; choose another --out")
-    return path
+    return RunResult(run.graph, graph, run, checks, report, requests)

@@ -1,7 +1,7 @@
-"""The emitter contract: ``emit(graph, options, out_dir) -> Artifact`` and
-``load(artifact, threads=None) -> runner``. A runner takes and returns torch-layout
-tensors, so one verification path serves every format.
-"""
+"""The emitter contract: ``emit(graph, options, out_dir) -> Artifact`` and ``load(artifact,
+threads=None) -> runner``; a runner takes and returns torch-layout tensors, so one verification
+path serves every format. Helpers every emitter shares: ``provenance``, ``as_inputs``,
+``to_channels_last``/``to_channels_first``, ``write_atomic``, ``captured_output``."""
 from __future__ import annotations
 
 import contextlib
@@ -18,13 +18,15 @@ from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 
+from . import __version__
+from .errors import EmitError
 from .metrics import Tolerance
-from .passes import Effect, Option
+from .passes import Effect, Option, Pass
 
 if TYPE_CHECKING:
     from .graph import Graph
 
-Runner = Callable[[Sequence[torch.Tensor]], list[torch.Tensor]]
+Runner = Callable[[torch.Tensor | Sequence[torch.Tensor]], list[torch.Tensor]]   # see as_inputs
 
 
 @dataclass
@@ -61,6 +63,7 @@ class Emitter:
     tolerance: Tolerance = Tolerance(max_rel=1e-4, min_cosine=0.9999)
     prepare: str = ""
     precision: Callable[[Path], str] | None = None
+    option = Pass.option                          # the Option named so, or None
 
     def tolerance_for(self, options: dict) -> Tolerance:
         """The tolerance for an artifact emitted with ``options``: an emitter option named
@@ -72,20 +75,12 @@ class Emitter:
         """Required modules that are not installed (empty when the emitter can run)."""
         return [m for m in self.modules if importlib.util.find_spec(m) is None]
 
-    def option(self, name: str) -> Option | None:
-        return next((o for o in self.options if o.name == name), None)
-
     def problems(self) -> list[str]:
         """Why this definition is invalid (empty when it is fine)."""
-        out = []
-        if not self.suffix.startswith("."):
-            out.append(f"emitter {self.format!r}: suffix {self.suffix!r} must start with a dot")
-        if not (callable(self.emit) and callable(self.load)):
-            out.append(f"emitter {self.format!r}: emit and load must be callable")
-        names = [o.name for o in self.options]
-        if len(set(names)) != len(names):
-            out.append(f"emitter {self.format!r} declares an option twice")
-        return out
+        return [f"emitter {self.format!r}{why}" for bad, why in [
+            (not self.suffix.startswith("."), f": suffix {self.suffix!r} must start with a dot"),
+            (not (callable(self.emit) and callable(self.load)), ": emit and load must be callable"),
+            (len({o.name for o in self.options}) != len(self.options), " declares an option twice")] if bad]
 
     def artifact_for(self, path: Path) -> Artifact:
         """An Artifact for an existing file of this format (for verify/bench), with its
@@ -94,9 +89,30 @@ class Emitter:
         return Artifact(self.format, path, {"precision": self.precision(path)} if self.precision else {})
 
 
-def graphopt_version() -> str:
-    from . import __version__
-    return __version__
+def provenance(graph: "Graph", **facts: Any) -> dict:
+    """What an emitter records in its file, under its format's own keys: graphopt's version, the
+    pipeline text, the input specs and ``graph.precision``; ``facts`` add to or replace them."""
+    return {"version": __version__, "pipeline": str(graph.meta.get("pipeline", "")),
+            "inputs": graph.input_specs(), "precision": graph.precision, **facts}
+
+
+def as_inputs(inputs: torch.Tensor | Sequence[torch.Tensor], count: int | None, name: str) -> list[torch.Tensor]:
+    """A runner's ``inputs`` as a list (a bare tensor is one input), checked to be ``count``
+    (None: any number); else an EmitError saying what ``name`` (the file) takes."""
+    inputs = [inputs] if isinstance(inputs, torch.Tensor) else list(inputs)
+    if count is not None and len(inputs) != count:
+        raise EmitError(f"{name} takes {count} inputs, got {len(inputs)}")
+    return inputs
+
+
+def to_channels_last(t: torch.Tensor) -> torch.Tensor:
+    """NCHW -> NHWC (NCL -> NLC, NCDHW -> NDHWC): torch's layout as channels-last runtimes take it."""
+    return t.permute(0, *range(2, t.dim()), 1)
+
+
+def to_channels_first(t: torch.Tensor) -> torch.Tensor:
+    """NHWC -> NCHW (NLC -> NCL, NDHWC -> NCDHW): a channels-last runtime's tensor in torch's layout."""
+    return t.permute(0, t.dim() - 1, *range(1, t.dim() - 1))
 
 
 @contextlib.contextmanager
@@ -111,11 +127,9 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@dataclass
 class Captured:
     """What ``captured_output`` caught; ``text`` is filled in when the block exits."""
-
-    text: str = ""
+    text = ""
 
 
 def _flush() -> None:
@@ -150,16 +164,12 @@ def captured_output() -> Iterator[Captured]:
             captured.text = log.read().decode(errors="replace")
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
 def install(staged: Path, target: Path) -> None:
     """Move a finished file into place atomically (``os.replace``), with the permissions an
     ordinary ``open(..., "w")`` would have given it (temp files start as 0600)."""
-    os.chmod(staged, 0o666 & ~_umask())
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(staged, 0o666 & ~umask)
     os.replace(staged, target)
 
 

@@ -1,8 +1,5 @@
-"""One error hierarchy: every failure a user can cause or fix is a GraphoptError.
-
-The CLI prints ``str(error)`` as one line and exits with code 2; the message says what
-was wrong and what to do about it.
-"""
+"""One error hierarchy: every failure a user can cause or fix is a GraphoptError, whose
+message says what was wrong and what to do; the CLI prints it as one line and exits 2."""
 from __future__ import annotations
 
 
@@ -32,17 +29,11 @@ class PassError(GraphoptError):
     def __init__(self, message: str, *, pass_name: str = "", before: tuple[str, ...] = (),
                  node: str | None = None):
         super().__init__(message)
-        self.pass_name = pass_name
-        self.before = before
-        self.node = node
+        self.pass_name, self.before, self.node = pass_name, before, node
 
 
 class EmitError(GraphoptError):
     """An emitter could not produce or load its artifact."""
-
-
-class VerificationError(GraphoptError):
-    """Outputs disagree with the reference beyond tolerance."""
 
 
 def first_line(exc: BaseException) -> str:

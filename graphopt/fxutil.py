@@ -79,8 +79,7 @@ def delete_unread_attributes(gm: fx.GraphModule, targets: list[str]) -> None:
 def erase_if_unused(gm: fx.GraphModule, node: fx.Node) -> None:
     """Erase ``node`` and then its inputs while nothing reads them and they have no effect;
     attributes the erased get_attr nodes read are deleted when no node uses them now."""
-    read: list[str] = []
-    stack, erased = [node], set()
+    read, stack, erased = [], [node], set()
     while stack:
         n = stack.pop()
         if n in erased or n.users or n.op in ("placeholder", "output") or has_effect(gm, n):

@@ -1,9 +1,8 @@
-"""The IR: an fx.GraphModule plus the inputs it was captured with.
-
-Analyses write their results into ``node.meta["graphopt.<what>"]``; :func:`annotate`
-fills the ones every pass may rely on: ``graphopt.shape``, ``graphopt.dtype`` and
-``graphopt.macs`` (multiply-accumulates of that node for the example inputs).
-"""
+"""The IR: an fx.GraphModule plus the inputs it was captured with. Analyses write their results
+into ``node.meta["graphopt.<what>"]``; :func:`annotate` fills the ones every pass may rely on:
+``graphopt.shape``, ``graphopt.dtype`` and ``graphopt.macs`` (multiply-accumulates of the node
+for the example inputs, by torch.utils.flop_counter; attention in its math form, which fused
+kernels do not report)."""
 from __future__ import annotations
 
 import copy
@@ -15,7 +14,9 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_flatten
+from torch.utils.flop_counter import FlopCounterMode
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -63,59 +64,30 @@ class Graph:
     def stats(self) -> dict:
         """Nodes (ops that compute), parameters, MACs and bytes of weights and buffers."""
         gm = self.module
-        nodes = _compute_nodes(gm)
-        tensors = list(gm.state_dict().values())
-        params = sum(p.numel() for p in gm.parameters())
-        nbytes = sum(t.numel() * t.element_size() for t in tensors)
-        macs = sum(int(n.meta.get("graphopt.macs", 0)) for n in gm.graph.nodes)
-        return {"nodes": nodes, "params": params, "macs": macs, "bytes": nbytes}
+        return {"nodes": _compute_nodes(gm), "params": sum(p.numel() for p in gm.parameters()),
+                "macs": sum(int(n.meta.get("graphopt.macs", 0)) for n in gm.graph.nodes),
+                "bytes": sum(t.numel() * t.element_size() for t in gm.state_dict().values())}
 
 
 def _compute_nodes(gm: fx.GraphModule) -> int:
     """Nodes that compute, those inside nested graphs (partitions) counted one by one."""
     nested = {n: gm.get_submodule(n.target) for n in gm.graph.nodes if n.op == "call_module"
               and isinstance(gm.get_submodule(n.target), fx.GraphModule)}
-    total = 0
-    for n in gm.graph.nodes:
-        if n in nested:
-            total += _compute_nodes(nested[n])
-        elif n.op in ("call_module", "call_method") or n.op == "call_function" and not (
-                n.target is operator.getitem and n.args[0] in nested):   # a nested graph's outputs
-            total += 1
-    return total
+    return sum(_compute_nodes(nested[n]) if n in nested else
+               int(n.op in ("call_module", "call_method") or n.op == "call_function" and not (
+                   n.target is operator.getitem and n.args[0] in nested))   # a nested graph's outputs
+               for n in gm.graph.nodes)
 
 
-def _numel(shape: Sequence[int]) -> int:
-    total = 1
-    for s in shape:
-        total *= int(s)
-    return total
+def _attention(node: fx.Node, module: nn.Module | None) -> bool:
+    return isinstance(module, nn.MultiheadAttention) or node.target is F.scaled_dot_product_attention
 
 
-def _macs(node: fx.Node, module: nn.Module | None, args: tuple, result: Any) -> int:
-    """Multiply-accumulates of one node, from its module type or function and the shapes."""
-    if not isinstance(result, torch.Tensor):
-        return 0
-    out = result.numel()
-    if isinstance(module, nn.modules.conv._ConvNd):
-        k = _numel(module.kernel_size)
-        if module.transposed:
-            return args[0].numel() * (module.out_channels // module.groups) * k
-        return out * (module.in_channels // module.groups) * k
-    if isinstance(module, nn.Linear):
-        return out * module.in_features
-    if node.op == "call_function":
-        fn = node.target
-        if fn in (F.conv1d, F.conv2d, F.conv3d):
-            w = args[1]
-            return out * w.shape[1] * _numel(w.shape[2:])
-        if fn is F.linear:
-            return out * args[1].shape[-1]
-        if fn in (torch.matmul, torch.bmm, torch.mm, F.scaled_dot_product_attention) or \
-                getattr(fn, "__name__", "") == "matmul":
-            a = args[0]
-            return out * a.shape[-1] if isinstance(a, torch.Tensor) else 0
-    return 0
+def _counted(run: Callable[[], Any]) -> tuple[Any, int]:
+    """``run()``'s result and its multiply-accumulates (half the FLOPs torch's counter sees)."""
+    with FlopCounterMode(display=False) as counter:
+        result = run()
+    return result, counter.get_total_flops() // 2
 
 
 class _Annotator(fx.Interpreter):
@@ -132,11 +104,17 @@ class _Annotator(fx.Interpreter):
             result = _Annotator(module).run(*args)
             macs = sum(int(m.meta.get("graphopt.macs", 0)) for m in module.graph.nodes)
         else:
-            result = super().run_node(n)
-            macs = _macs(n, module, args, result)
+            result, macs = _counted(lambda: super(_Annotator, self).run_node(n))
+            if not macs and _attention(n, module):    # fused kernels report nothing: count the math form
+                fastpath = torch.backends.mha.get_fastpath_enabled()
+                torch.backends.mha.set_fastpath_enabled(False)
+                try:
+                    with sdpa_kernel(SDPBackend.MATH):
+                        macs = _counted(lambda: super(_Annotator, self).run_node(n))[1]
+                finally:
+                    torch.backends.mha.set_fastpath_enabled(fastpath)
         if isinstance(result, torch.Tensor):
-            n.meta["graphopt.shape"] = tuple(result.shape)
-            n.meta["graphopt.dtype"] = str(result.dtype).replace("torch.", "")
+            n.meta.update({"graphopt.shape": tuple(result.shape), "graphopt.dtype": str(result.dtype)[6:]})
         n.meta["graphopt.macs"] = macs
         if self._record is not None:
             self._record(n, result)

@@ -18,7 +18,7 @@ class Metrics:
 
     max_abs: float
     max_rel: float      # max |a - r| divided by max |r|: error relative to the output's scale
-    cosine: float       # of the flattened outputs; 1.0 when both are all-zero
+    cosine: float       # of the flattened outputs; 1.0 when they are identical (all-zero too)
     sqnr_db: float      # 10 log10(signal power / noise power); inf when exact
     top1: float | None  # argmax agreement over the batch, for (N, C>1) outputs; else None
     finite: bool = True  # every value of ``actual`` is finite (no NaN, no Inf)
@@ -73,23 +73,15 @@ def _one(ref: torch.Tensor, act: torch.Tensor) -> Metrics:
         return Metrics(0.0, 0.0, 1.0, math.inf, None)
     if not torch.isfinite(a).all():
         return Metrics(math.inf, math.inf, -1.0, -math.inf, 0.0 if ref.dim() == 2 else None, finite=False)
-    diff = a - r
+    diff, scale = a - r, r.abs().max().item()
     max_abs = diff.abs().max().item()
-    scale = r.abs().max().item()
     max_rel = max_abs / scale if scale > 0 else (0.0 if max_abs == 0 else math.inf)
     nr, na = r.norm().item(), a.norm().item()
-    if nr == 0 and na == 0:
-        cosine = 1.0
-    elif nr == 0 or na == 0:
-        cosine = 0.0
-    else:
-        cosine = max(-1.0, min(1.0, torch.dot(r, a).item() / (nr * na)))
-    noise = diff.pow(2).sum().item()
-    signal = r.pow(2).sum().item()
+    cosine = 1.0 if max_abs == 0 else 0.0 if nr == 0 or na == 0 else \
+        max(-1.0, min(1.0, torch.dot(r, a).item() / (nr * na)))
+    noise, signal = diff.pow(2).sum().item(), r.pow(2).sum().item()
     sqnr = math.inf if noise == 0 else (10 * math.log10(signal / noise) if signal > 0 else -math.inf)
-    top1 = None
-    if ref.dim() == 2 and ref.shape[1] > 1:
-        top1 = (ref.argmax(1) == act.argmax(1)).double().mean().item()
+    top1 = (ref.argmax(1) == act.argmax(1)).double().mean().item() if ref.dim() == 2 and ref.shape[1] > 1 else None
     return Metrics(max_abs, max_rel, cosine, sqnr, top1)
 
 

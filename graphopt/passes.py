@@ -59,17 +59,12 @@ class Option:
     def parse(self, text: str) -> Any:
         """The typed value of ``text``; ValueError says what the option takes."""
         try:
-            if self.type is bool:
-                low = text.lower()
-                if low not in _TRUE | _FALSE:
-                    raise ValueError
-                value: Any = low in _TRUE
-            else:
-                value = self.type(text)
+            if self.type is bool and text.lower() not in _TRUE | _FALSE:
+                raise ValueError
+            value: Any = text.lower() in _TRUE if self.type is bool else self.type(text)
         except ValueError:
             kind = self.type.__name__
-            article = "an" if kind[0] in "aeiou" else "a"
-            raise ValueError(f"{self.name} takes {article} {kind}, got {text!r}") from None
+            raise ValueError(f"{self.name} takes {'an' if kind[0] in 'aeiou' else 'a'} {kind}, got {text!r}") from None
         if self.choices and value not in self.choices:
             raise ValueError(f"{self.name} must be one of {', '.join(map(str, self.choices))}, got {text!r}")
         return value
@@ -130,14 +125,10 @@ class Pass:
 
     def problems(self) -> list[str]:
         """Why this definition is invalid (empty when it is fine)."""
-        out = []
-        if not KEBAB.match(self.name):
-            out.append(f"pass name {self.name!r} is not kebab-case")
-        if not callable(self.run):
-            out.append(f"pass {self.name!r}: run is not callable")
-        if self.effect is Effect.STRUCTURAL and self.oracle is None:
-            out.append(f"pass {self.name!r} is structural but has no oracle to verify it against")
-        names = [o.name for o in self.options]
-        if len(set(names)) != len(names):
-            out.append(f"pass {self.name!r} declares an option twice")
-        return out
+        return [why for bad, why in [
+            (not KEBAB.match(self.name), f"pass name {self.name!r} is not kebab-case"),
+            (not callable(self.run), f"pass {self.name!r}: run is not callable"),
+            (self.effect is Effect.STRUCTURAL and self.oracle is None,
+             f"pass {self.name!r} is structural but has no oracle to verify it against"),
+            (len({o.name for o in self.options}) != len(self.options), f"pass {self.name!r} declares an option twice"),
+        ] if bad]

@@ -1,11 +1,10 @@
 """Runs a pipeline: each pass on a copy of the graph, verified before it is accepted.
 
-verify-each: after every pass, lint + recompile + run on the example inputs and compare
-with the graph before it under the pass's tolerance (structural passes: against their
-oracle; trained passes: only output count, shapes and finiteness). A failing pass leaves
-the graph as it was; the error names the pass, the passes before it and the first node
-whose output diverges.
-"""
+verify-each: after every pass, lint + recompile + run on the example inputs and compare with
+the graph before it under the pass's tolerance (structural passes: against their oracle;
+trained passes: only output count, shapes and finiteness). A failing pass leaves the graph
+as it was; the error names the pass, the passes before it and the first diverging node. The
+numerical effect of each pass that changed the graph decides ``Graph.precision``, once."""
 from __future__ import annotations
 
 import copy
@@ -48,12 +47,9 @@ class PassRecord:
         return self.name.split("(")[0]
 
     def as_dict(self) -> dict:
-        d = {k: getattr(self, k) for k in ("name", "group", "effect", "seconds", "modified", "nodes",
-                                            "params", "macs", "bytes", "max_abs_err", "cosine", "verified")}
-        d["seconds"] = round(self.seconds, 4)
-        d["stats"] = self.stats
-        d["explanations"] = self.explanations
-        return d
+        keys = ("name", "group", "effect", "modified", "nodes", "params", "macs", "bytes", "max_abs_err", "cosine",
+                "verified", "stats", "explanations")
+        return {**{k: getattr(self, k) for k in keys}, "seconds": round(self.seconds, 4)}
 
 
 @dataclass
@@ -74,27 +70,23 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequ
                      tolerance: Tolerance) -> str | None:
     """Name the first node (in the new graph's order) whose value diverges from the node of
     the same name in the old graph, plus nodes the pass created that feed it."""
-    old = _node_values(before, inputs)
-    new = _node_values(after, inputs)
+    old, new = _node_values(before, inputs), _node_values(after, inputs)
     created = {n.name for n in after.graph.nodes} - set(old)
     for node in after.graph.nodes:
         a, b = new.get(node.name), old.get(node.name)
         if node.op in ("placeholder", "output") or not isinstance(a, torch.Tensor) \
                 or not isinstance(b, torch.Tensor) or a.shape != b.shape:
             continue
-        metrics = compare([b.float()], [a.float()])
-        problems = tolerance.violations(metrics)
+        problems = tolerance.violations(compare([b.float()], [a.float()]))
         if not problems:
             continue
         feeders, stack, seen = [], list(node.all_input_nodes), set()
         while stack:
             n = stack.pop()
-            if n.name in seen:
-                continue
-            seen.add(n.name)
-            if n.name in created:
+            if n.name not in seen and n.name in created:
                 feeders.append(n.name)
                 stack.extend(n.all_input_nodes)
+            seen.add(n.name)
         what = f"{node.op} {node.target if node.op != 'call_module' else type(after.get_submodule(node.target)).__name__}"
         fed = f", fed by new node(s) {', '.join(sorted(feeders))}" if feeders else ""
         return f"`{node.name}` ({what}): {problems[0]}{fed}"
@@ -116,12 +108,8 @@ def _fail(spec: Pass, done: list[str], message: str, node: str | None = None) ->
                      f"{spec.name} was kept", pass_name=spec.name, before=tuple(done), node=node)
 
 
-def _data_hint(key: str) -> str:
-    return f"give it as data={{{key!r}: ...}}"
-
-
 def check_needs(steps: Sequence[tuple[Pass, dict]], data: dict,
-                hint: Callable[[str], str] = _data_hint) -> None:
+                hint: Callable[[str], str] = lambda key: f"give it as data={{{key!r}: ...}}") -> None:
     """Raise PassError for the first pass in ``steps`` that needs a ``ctx.data`` key missing
     from ``data``; ``hint(key)`` tells the user how to give it (the CLI names its option)."""
     for spec, _ in steps:
@@ -131,9 +119,8 @@ def check_needs(steps: Sequence[tuple[Pass, dict]], data: dict,
                             f"{'; '.join(hint(k) for k in missing)}", pass_name=spec.name)
 
 
-def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
-                 verify: bool = True, data: dict | None = None,
-                 print_ir_after: Sequence[str] = (),
+def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, verify: bool = True,
+                 data: dict | None = None, print_ir_after: Sequence[str] = (),
                  on_ir: Callable[[str, str], None] | None = None,
                  on_pass: Callable[[PassRecord], None] | None = None) -> PipelineRun:
     """Run ``pipeline`` on a copy of ``graph``; returns the final graph and one record per pass.
@@ -146,8 +133,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
     data = dict(data or {})
     check_needs(steps, data)
     current = graph.clone()
-    reference = annotate(current.module, current.example_inputs)
-    previous = reference
+    reference = previous = annotate(current.module, current.example_inputs)
     records: list[PassRecord] = []
     done: list[str] = []
     for (spec, options), item in zip(steps, pipe.items):
@@ -165,8 +151,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
         except Exception as exc:   # a GraphoptError's message is already written for people
             detail = str(exc) if isinstance(exc, GraphoptError) else f"{type(exc).__name__}: {exc}"
             raise _fail(spec, done, f"failed: {detail}") from exc
-        seconds = time.perf_counter() - start
-        verified = False
+        seconds, verified = time.perf_counter() - start, False
         if verify:
             try:
                 expected = spec.oracle(current.module, gm, ctx) if spec.oracle else previous
@@ -184,12 +169,10 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *,
         current = current.replace(gm)
         if result.modified and spec.effect in (Effect.FP16, Effect.INT8) and current.precision != "int8":
             current.meta["precision"] = spec.effect.value    # decided once, here; emitters read it
-        previous = outputs
-        total = compare(reference, outputs)
-        st = current.stats()
-        record = PassRecord(str(item), seconds, bool(result.modified), st["nodes"], st["params"],
-                            st["macs"], st["bytes"], total.max_abs, total.cosine, verified,
-                            dict(result.stats), list(ctx.explanations), spec.effect.value, item.group)
+        previous, total, st = outputs, compare(reference, outputs), current.stats()
+        record = PassRecord(str(item), seconds, bool(result.modified), st["nodes"], st["params"], st["macs"],
+                            st["bytes"], total.max_abs, total.cosine, verified, dict(result.stats),
+                            list(ctx.explanations), spec.effect.value, item.group)
         records.append(record)
         done.append(spec.name)
         if on_pass:

@@ -39,10 +39,6 @@ class Pipeline:
     def __str__(self) -> str:
         return ",".join(map(str, self.items))
 
-    @property
-    def names(self) -> list[str]:
-        return [i.name for i in self.items]
-
 
 @dataclass(frozen=True)
 class NamedPipeline:
@@ -74,8 +70,7 @@ def _tokens(text: str) -> list[tuple[str, str]]:
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
             raise PipelineError(f"bad pipeline text at column {pos + 1}: {text[pos:]!r}")
-        kind = m.lastgroup
-        out.append((kind, m.group(kind)))
+        out.append((m.lastgroup, m.group(m.lastgroup)))
         pos = m.end()
     return out
 
@@ -109,11 +104,8 @@ def parse_pipeline(text: str) -> Pipeline:
                     expect("punct", ",")
                 key = expect("word")
                 expect("punct", "=")
-                if i < len(toks) and toks[i][0] in ("word", "quoted"):
-                    value = toks[i][1]
-                    i += 1
-                else:
-                    value = expect("word")
+                quoted = i < len(toks) and toks[i][0] == "quoted"
+                value = expect("quoted" if quoted else "word")
                 if any(k == key for k, _ in options):
                     raise PipelineError(f"bad pipeline {text!r}: option {key!r} given twice to {name}")
                 options.append((key, value))
@@ -132,7 +124,7 @@ def _close(word: str, candidates: list[str]) -> str:
 def resolve(pipeline: Pipeline, passes: dict[str, Any], kind: str = "pass") -> list[tuple[Any, dict[str, Any]]]:
     """Each item's definition (a Pass, or an Emitter with ``kind="format"``) and its typed
     options, defaults filled in."""
-    out = []
+    out: list[tuple[Any, dict[str, Any]]] = []
     for item in pipeline.items:
         spec = passes.get(item.name)
         if spec is None:
@@ -140,11 +132,10 @@ def resolve(pipeline: Pipeline, passes: dict[str, Any], kind: str = "pass") -> l
                                 f"available: {', '.join(sorted(passes)) or 'none'}")
         values = {o.name: o.default for o in spec.options}
         for key, raw in item.options:
-            opt = spec.option(key)
+            opt, names = spec.option(key), [o.name for o in spec.options]
             if opt is None:
-                valid = ", ".join(o.name for o in spec.options) or "none"
-                raise PipelineError(f"{kind} {item.name} has no option {key!r}; "
-                                    f"{_close(key, [o.name for o in spec.options])}valid options: {valid}")
+                raise PipelineError(f"{kind} {item.name} has no option {key!r}; {_close(key, names)}"
+                                    f"valid options: {', '.join(names) or 'none'}")
             try:
                 values[key] = opt.parse(raw)
             except ValueError as exc:

@@ -80,21 +80,19 @@ class Registry:
 
 def _load_path(spec: str) -> tuple[str, ModuleType]:
     """Import ``spec``: a ``.py`` file path or a dotted module name."""
-    if spec.endswith(".py") or "/" in spec or Path(spec).is_file():
-        path = Path(spec)
+    path = Path(spec)
+    if spec.endswith(".py") or "/" in spec or path.is_file():
         if not path.is_file():
             raise PluginError(f"plugin file {spec} does not exist")
-        name = path.stem
-        mod_name = f"graphopt_user_plugin_{name}"
+        mod_name = f"graphopt_user_plugin_{path.stem}"
         try:
             module_spec = importlib.util.spec_from_file_location(mod_name, path)
-            module = importlib.util.module_from_spec(module_spec)
-            sys.modules[mod_name] = module
+            module = sys.modules[mod_name] = importlib.util.module_from_spec(module_spec)
             module_spec.loader.exec_module(module)
         except Exception as exc:
             sys.modules.pop(mod_name, None)
-            raise PluginError(f"plugin {name} ({path}) failed to import: {type(exc).__name__}: {exc}") from exc
-        return name, module
+            raise PluginError(f"plugin {path.stem} ({path}) failed to import: {type(exc).__name__}: {exc}") from exc
+        return path.stem, module
     try:
         return spec.rsplit(".", 1)[-1], importlib.import_module(spec)
     except Exception as exc:
@@ -103,8 +101,7 @@ def _load_path(spec: str) -> tuple[str, ModuleType]:
 
 def _collect(reg: Registry, hook: str, kind: type, key: str) -> dict[str, Any]:
     found: dict[str, Any] = {}
-    caller = getattr(reg.manager.hook, hook)
-    for impl in caller.get_hookimpls():   # registration order
+    for impl in getattr(reg.hook, hook).get_hookimpls():   # registration order
         plugin = impl.plugin_name
         try:
             items = impl.function()
@@ -116,10 +113,9 @@ def _collect(reg: Registry, hook: str, kind: type, key: str) -> dict[str, Any]:
             if not isinstance(item, kind):
                 raise PluginError(f"plugin {plugin}: hook {hook} returned {type(item).__name__}, "
                                   f"expected {kind.__name__}")
+            if item.problems():
+                raise PluginError(f"plugin {plugin}: {'; '.join(item.problems())}")
             name = getattr(item, key)
-            problems = item.problems()
-            if problems:
-                raise PluginError(f"plugin {plugin}: {'; '.join(problems)}")
             label = f"{kind.__name__.lower()}:{name}"
             if name in found:
                 raise PluginError(f"plugin {plugin}: {kind.__name__.lower()} {name!r} is already "
@@ -139,15 +135,11 @@ def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
     blocked = list(blocked)
     for name in blocked:
         pm.set_blocked(name)
-    reg = Registry(pm)
-    seen_blocked: set[str] = set()
-    candidates: list[tuple[str, str, Any]] = []
-    if entry_points:
-        for ep in sorted(md.entry_points(group=GROUP), key=lambda e: e.name):
-            dist = f"{ep.dist.name} {ep.dist.version}" if ep.dist else "unknown distribution"
-            candidates.append((ep.name, f"entry point {ep.value} ({dist})", ep))
-    for spec in extra:
-        candidates.append((None, spec, spec))
+    reg, seen_blocked = Registry(pm), set()
+    candidates: list[tuple[str | None, str, Any]] = [
+        (ep.name, f"entry point {ep.value} ({f'{ep.dist.name} {ep.dist.version}' if ep.dist else 'unknown distribution'})", ep)
+        for ep in sorted(md.entry_points(group=GROUP) if entry_points else [], key=lambda e: e.name)]
+    candidates += [(None, spec, spec) for spec in extra]
     for name, source, what in candidates:
         if name is not None and name in blocked:
             seen_blocked.add(name)
@@ -156,15 +148,13 @@ def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
             try:
                 module = what.load()
             except Exception as exc:
-                raise PluginError(f"plugin {name} ({source}) failed to import: "
-                                  f"{type(exc).__name__}: {exc}") from exc
+                raise PluginError(f"plugin {name} ({source}) failed to import: {type(exc).__name__}: {exc}") from exc
         else:
-            name, module = _load_path(what)
-            source = what
+            (name, module), source = _load_path(what), what
             if name in blocked:
                 seen_blocked.add(name)
                 continue
-        if pm.has_plugin(name) or pm.get_plugin(name) is not None:
+        if pm.get_plugin(name) is not None:
             raise PluginError(f"two plugins are named {name!r} ({source}); rename one")
         try:
             pm.register(module, name=name)
@@ -176,8 +166,8 @@ def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
         reg.plugins.append(PluginInfo(name, source))
     unknown = [b for b in blocked if b not in seen_blocked]
     if unknown:
-        names = ", ".join(p.name for p in reg.plugins) or "none"
-        raise PluginError(f"cannot block {', '.join(unknown)}: no such plugin (plugins: {names})")
+        raise PluginError(f"cannot block {', '.join(unknown)}: no such plugin "
+                          f"(plugins: {', '.join(p.name for p in reg.plugins) or 'none'})")
     try:
         pm.check_pending()
     except pluggy.PluginValidationError as exc:

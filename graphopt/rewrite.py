@@ -14,7 +14,7 @@ from torch.fx.proxy import GraphAppendingTracer
 from graphopt import PassContext, PassResult
 from graphopt.graph import annotate
 
-CONSTANTS = "tflite_compat_constants"   # submodule holding the constants replacements read
+CONSTANTS = "graphopt_constants"   # submodule holding the constants replacements read
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,8 @@ class Builder:
         """``value`` as a 0-d buffer of ``like``'s dtype (one buffer per value and dtype)."""
         if not hasattr(self.gm, CONSTANTS):
             self.gm.add_submodule(CONSTANTS, nn.Module())
-        holder = self.gm.get_submodule(CONSTANTS)
-        tensor = torch.tensor(value, dtype=dtype(like))
-        name = next((n for n, b in holder.named_buffers() if b.dtype == tensor.dtype and torch.equal(b, tensor)),
-                    None)
+        holder, tensor = self.gm.get_submodule(CONSTANTS), torch.tensor(value, dtype=dtype(like))
+        name = next((n for n, b in holder.named_buffers() if b.dtype == tensor.dtype and torch.equal(b, tensor)), None)
         if name is None:
             name = f"c{len(list(holder.buffers()))}"
             holder.register_buffer(name, tensor)
@@ -90,8 +88,7 @@ class Builder:
 def apply(gm: fx.GraphModule, ctx: PassContext, rewrites: Sequence[Rewrite]) -> dict[str, int]:
     """Run each rewrite over the graph in turn (shapes re-annotated in between); counts per
     rewrite, and of matches kept."""
-    stats = {**{r.name: 0 for r in rewrites}, "rejected": 0}
-    changed = True
+    stats, changed = {**{r.name: 0 for r in rewrites}, "rejected": 0}, True
     for rewrite in rewrites:
         if changed:
             gm.recompile()
@@ -105,8 +102,7 @@ def apply(gm: fx.GraphModule, ctx: PassContext, rewrites: Sequence[Rewrite]) -> 
                 continue
             name = node.name
             with gm.graph.inserting_before(node):
-                what = rewrite.replace(Builder(gm), node)
-            ctx.explain(f"{name}: {what}")
+                ctx.explain(f"{name}: {rewrite.replace(Builder(gm), node)}")
             stats[rewrite.name] += 1
             changed = True
     return stats

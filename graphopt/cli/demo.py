@@ -10,7 +10,8 @@ import torch
 from graphopt.cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
 from .console import Ui, artifacts_table, passes_table
 from .demo_model import accuracy, finetune, load_data, load_or_train
-from graphopt.driver import check_out_dir, optimize
+from graphopt.driver import optimize
+from .modelspec import check_out_dir
 from graphopt.emit import write_json_atomic
 from graphopt.metrics import Tolerance, compare
 from graphopt.plugins import Registry

@@ -1,9 +1,10 @@
-"""Turn the CLI's MODEL, --input-shape and --train text into a module, example inputs and a
-training function."""
+"""Turn the CLI's MODEL, --input-shape, --train and --out text into a module, example
+inputs, a training function and a checked output folder."""
 from __future__ import annotations
 
 import importlib
 import importlib.util
+import os
 import re
 import sys
 from pathlib import Path
@@ -92,49 +93,14 @@ def load_train_function(spec: str):
     return target
 
 
-def add_calibration_option(parser) -> None:
-    """``--calib DATA.npz`` on ``parser``: the option every pass reading ``ctx.data["calibration"]``
-    brings (quantize, fp16; argparse resolves the repeat)."""
-    parser.add_argument("--calib", metavar="DATA.npz", help="calibration inputs for quantize and fp16: one "
-                        "array per input name (or one array), samples along the first dim")
-
-
-def calibration_data(options) -> dict | None:
-    """The ``graphopt_run_data`` answer for ``--calib``: a loader of the calibration batches."""
-    path = getattr(options, "calib", None)
-    return {"calibration": lambda model, inputs: load_calibration(path, model, inputs)} if path else None
-
-
-def load_calibration(path: str, model: nn.Module,
-                     example: tuple[torch.Tensor, ...]) -> list[tuple[torch.Tensor, ...]]:
-    """``--calib DATA.npz``: one array per input (keyed by the forward argument's name, or
-    any single array for a one-input model), samples along the first dim, fed in batches of
-    the example inputs' batch size."""
-    import inspect
-
-    import numpy as np
-    file = Path(path)
-    if not file.is_file():
-        raise UsageError(f"calibration data {path} does not exist")
-    names = list(inspect.signature(model.forward).parameters)[:len(example)]
-    try:
-        with np.load(file, allow_pickle=False) as data:
-            if len(example) == 1 and len(data.files) == 1:
-                arrays = [data[data.files[0]]]
-            else:
-                missing = [n for n in names if n not in data.files]
-                if missing:
-                    raise UsageError(f"calibration data {path} lacks {', '.join(missing)} (it has "
-                                     f"{', '.join(data.files)}); give one array per input name")
-                arrays = [data[n] for n in names]
-    except (OSError, ValueError) as exc:
-        raise UsageError(f"cannot read calibration data {path}: {first_line(exc)}") from exc
-    for name, arr, ex in zip(names, arrays, example):
-        if tuple(arr.shape[1:]) != tuple(ex.shape[1:]):
-            raise UsageError(f"calibration array {name} has samples of shape {tuple(arr.shape[1:])}, "
-                             f"the model takes {tuple(ex.shape[1:])} (--input-shape)")
-    if len({len(a) for a in arrays}) != 1:
-        raise UsageError(f"calibration arrays in {path} differ in length")
-    step = example[0].shape[0]
-    tensors = [torch.from_numpy(np.ascontiguousarray(a)).to(ex.dtype) for a, ex in zip(arrays, example)]
-    return [tuple(t[i:i + step] for t in tensors) for i in range(0, len(tensors[0]), step)]
+def check_out_dir(path: Path) -> Path:
+    """Fail early, before any work, if ``path`` cannot become a writable directory."""
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise UsageError(f"output path {path} exists and is not a directory; choose another --out")
+    probe = path
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise UsageError(f"cannot write to {path}: {probe} is not a writable directory; choose another --out")
+    return path

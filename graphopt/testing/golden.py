@@ -4,7 +4,7 @@ with per-format tolerances. ``graphopt golden record|check`` and the pytest plug
 ``golden/manifest.json``::
 
     {"version": 1, "root": "..",
-     "models": {"tiny_resnet": {"model": "tests/models.py:tiny_resnet", "seed": 0,
+     "models": {"tiny_resnet": {"model": "tests/zoo/cnn.py:tiny_resnet", "seed": 0,
                                 "inputs": {"x": [1, 3, 32, 32]}, "pipeline": "cleanup,fold-bn",
                                 "tolerances": {"graph": {"max_rel": 1e-5},
                                                "onnx": {"max_rel": 1e-4}}}}}

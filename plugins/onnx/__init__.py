@@ -11,7 +11,7 @@ import torch
 
 import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
-from graphopt.emit import captured_output, write_atomic
+from graphopt.emit import as_inputs, captured_output, provenance, write_atomic
 from graphopt.errors import first_line
 from . import qdq as onnx_qdq
 
@@ -113,19 +113,18 @@ def _values(infos: Sequence[Any]) -> list[dict]:
     return out
 
 
-def _stamp(model: Any, graph: graphopt.Graph, precision: str) -> None:
+def _stamp(model: Any, graph: graphopt.Graph) -> None:
     """Name the graph, drop the exporters' per-node debug info (stack traces with local paths,
-    which would make the file differ between checkouts) and add graphopt's metadata_props."""
+    which would make the file differ between checkouts) and add graphopt's metadata_props
+    (``graphopt.version``, ``.pipeline``, ``.inputs`` as the file declares them, ``.precision``)."""
     model.graph.name = graph.name
     for node in model.graph.node:
         node.doc_string = ""
         del node.metadata_props[:]
     inputs = [{k: v[k] for k in ("name", "shape", "dtype")} for v in _values(model.graph.input)]
     del model.metadata_props[:]
-    for key, value in (("graphopt.version", graphopt.__version__),
-                       ("graphopt.pipeline", str(graph.meta.get("pipeline", ""))),
-                       ("graphopt.inputs", json.dumps(inputs)), ("graphopt.precision", precision)):
-        model.metadata_props.add(key=key, value=value)
+    for key, value in provenance(graph, inputs=json.dumps(inputs)).items():
+        model.metadata_props.add(key=f"graphopt.{key}", value=value)
 
 
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
@@ -149,7 +148,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         meta.update(precision="fp16", upcast_initializers=_half_storage(model))
     if int8:
         meta.update(precision="int8", **onnx_qdq.lower(model))
-    _stamp(model, graph, meta.get("precision", "fp32"))
+    _stamp(model, graph)
     try:
         onnx.checker.check_model(model)
     except onnx.checker.ValidationError as exc:
@@ -198,11 +197,9 @@ def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner
     feeds = [(i.name, np.dtype(_ORT_TYPES.get(i.type, i.type[len("tensor("):-1])))
              for i in session.get_inputs()]
 
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(inputs) != len(feeds):
-            raise EmitError(f"{artifact.path.name} takes {len(feeds)} inputs, got {len(inputs)}")
+    def run(inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
         feed = {name: np.ascontiguousarray(t.detach().cpu().numpy().astype(dtype, copy=False))
-                for (name, dtype), t in zip(feeds, inputs)}
+                for (name, dtype), t in zip(feeds, as_inputs(inputs, len(feeds), artifact.path.name))}
         try:
             outputs = session.run(None, feed)
         except Exception as exc:

@@ -1,7 +1,7 @@
 """A placement report (the ``partition`` pass's stats) as rich tables, Graphviz DOT and a picture.
 
 The report lists every computing node in graph order with its placement (a partition name
-or ``cpu``) and, on the cpu, the reason (schema in the README). Pictures are drawn with
+or ``cpu``) and, on the cpu, the reason (schema in docs/partition.md). Pictures are drawn with
 matplotlib (the ``plot`` extra); Graphviz is not needed.
 """
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """prune: structured channel pruning. Conv/Linear/... channels are removed physically, with
-every channel coupled to them (``prune_rules``), constants in the graph updated, and the
+every channel coupled to them (``rules``), constants in the graph updated, and the
 result verified against the mask-then-prune oracle: the unpruned graph with the same
 channels zeroed must give the same outputs."""
 from __future__ import annotations

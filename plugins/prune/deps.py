@@ -3,7 +3,7 @@
 Every layer that makes channels (conv, linear, embedding, ...) opens a *space* of channel ids.
 Walking the fx graph in order, each tensor dimension that carries channels gets a label
 array: the channel id behind every position of that dimension (-1: no prunable channel
-behind it). Each op has an explicit rule (``prune_rules``) saying how labels flow through it
+behind it). Each op has an explicit rule (``rules``) saying how labels flow through it
 and which ids it couples: an add couples its operands position by position, a concat
 places them side by side, a channel shuffle permutes them, a group conv couples the same
 position of every group. An op without a rule, the model's inputs and its outputs *freeze*

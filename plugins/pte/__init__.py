@@ -10,7 +10,7 @@ import torch
 
 import graphopt
 from graphopt import Artifact, Emitter, EmitError, Tolerance
-from graphopt.emit import captured_output, write_atomic
+from graphopt.emit import as_inputs, captured_output, write_atomic
 from graphopt.errors import first_line
 
 _pool = {"default": None, "resets": 0}   # ExecuTorch's one thread pool, shared by every .pte
@@ -90,9 +90,8 @@ def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner
         raise EmitError(f"ExecuTorch cannot load {path}: {first_line(exc)}") from exc
     count = loaded["program"].metadata("forward").num_inputs()
 
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        if len(inputs) != count:
-            raise EmitError(f"{path.name} takes {count} inputs, got {len(inputs)}")
+    def run(inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        inputs = as_inputs(inputs, count, path.name)
         try:
             outputs = method().execute([t.detach().contiguous() for t in inputs])
         except Exception as exc:

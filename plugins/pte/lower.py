@@ -4,7 +4,7 @@ The graph is exported with each partition submodule's nodes annotated (``torch.f
 .annotate``, which survives torch.export and the edge decompositions; ``nn_module_stack`` does
 not name fx submodules reliably). ``GraphoptPartitioner`` tags exactly those nodes and the
 constants only they read; everything else runs on ExecuTorch's portable CPU kernels. Inside the
-partitions a quantized graph is written as PT2E's convert writes it (``quant_qdq``): int8
+partitions a quantized graph is written as PT2E's convert writes it (``graphopt.quant.to_qdq``): int8
 weights -> dequantize_per_channel, a q and one dq per user for every fake quant, which XNNPACK
 lowers to int8 kernels; outside them fake quants are computed in float.
 """
@@ -26,8 +26,7 @@ from torch.nn.utils import parametrize
 from graphopt import EmitError
 from graphopt.emit import captured_output
 from graphopt.errors import first_line
-import graphopt.qdq as quant_qdq
-from graphopt.quant import is_fake_quant
+from graphopt.quant import is_fake_quant, to_qdq
 
 BACKEND = "xnnpack"
 MARK = "graphopt.partition"
@@ -203,7 +202,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
     names = partitions(gm)
     gm = copy.deepcopy(gm)
     emulated = _cpu_in_float(gm, names)
-    gm, converted = quant_qdq.to_qdq(gm, int8_weights=True, dq_per_user=True)
+    gm, converted = to_qdq(gm, int8_weights=True, dq_per_user=True)
     precision = "int8" if converted or emulated else "fp32"
     for part in names:
         setattr(gm, part, _Marked(part, gm.get_submodule(part)))

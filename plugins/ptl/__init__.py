@@ -16,7 +16,7 @@ from torch.utils._pytree import tree_flatten
 
 import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
-from graphopt.emit import write_atomic
+from graphopt.emit import as_inputs, provenance, write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import flatten_outputs
 from . import int8 as ptl_int8
@@ -210,12 +210,9 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
 
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
     gm, outputs = _flat_module(graph)
-    inputs = graph.input_specs()
     engine = opts["engine"] if graph.precision == "int8" else None
     fp16, keep = _fp16(gm, graph.precision)
-    recorded = {"version": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
-                "inputs": inputs} | ({"precision": "int8", "engine": engine} if engine else
-                                     {"precision": fp16.get("precision", "fp32")})
+    recorded = provenance(graph) | ({"engine": engine} if engine else {})
     extra = {EXTRA_FILE: json.dumps(recorded)}
     with warnings.catch_warnings(), _own_type_names(), _engine(engine):
         warnings.simplefilter("ignore")
@@ -231,7 +228,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, data)
     meta.update(bytecode_version=_get_model_bytecode_version(io.BytesIO(data)),
-                ops=sorted(_export_operator_list(lite)), inputs=inputs, outputs=_specs(outputs), **fp16, **int8)
+                ops=sorted(_export_operator_list(lite)), inputs=recorded["inputs"], outputs=_specs(outputs),
+                **fp16, **int8)
     return Artifact("ptl", target, meta)
 
 
@@ -265,10 +263,9 @@ def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner
     except Exception as exc:
         raise EmitError(f"the lite interpreter cannot load {artifact.path}: {first_line(exc)}") from exc
 
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def run(inputs: torch.Tensor | Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        inputs = as_inputs(inputs, None if specs is None else len(specs), name)
         if specs is not None:
-            if len(inputs) != len(specs):
-                raise EmitError(f"{name} takes {len(specs)} inputs, got {len(inputs)}")
             inputs = [t.to(getattr(torch, s["dtype"])) for t, s in zip(inputs, specs)]
         before = torch.get_num_threads()
         try:

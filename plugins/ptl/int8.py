@@ -11,26 +11,23 @@ grid (codes -128..127, zero point z) is the quint8 grid with zero point z + 128.
 from __future__ import annotations
 
 import contextlib
-import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
 import torch
-import torch.ao.nn.intrinsic.quantized as nniq
-import torch.ao.nn.quantized as nnq
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from graphopt.fused import AddReLU, FusedConv1d, FusedConv2d, FusedLinear
+from graphopt.fused import AddReLU
 from graphopt.fxutil import writes_in_place
 from graphopt.quant import is_fake_quant, weight_quant
 from graphopt.rewrite import argument, calls
+from .layers import (NO_CLAMP, QUANTIZED_LAYERS, Grid, activation_bounds, clamping, fake_quant_grid, module_bounds,
+                     quantized_layer, why_not_quantized)
 
 ENGINES = ("x86", "onednn", "qnnpack")
-QUANTIZED_LAYERS = {nn.Conv1d: (nnq.Conv1d, nniq.ConvReLU1d), nn.Conv2d: (nnq.Conv2d, nniq.ConvReLU2d),
-                    nn.Linear: (nnq.Linear, nniq.LinearReLU)}
 _Q = torch.ops.quantized
 _BINARY = {operator.add: "add", operator.iadd: "add", torch.add: "add", "add": "add", operator.mul: "mul",
            operator.imul: "mul", torch.mul: "mul", "mul": "mul", operator.matmul: "matmul",
@@ -48,40 +45,6 @@ _SAME_GRID_METHODS = ("flatten", "reshape", "view", "permute", "transpose", "con
 _FIXED = {nn.Sigmoid: (1 / 256, 0), nn.Hardsigmoid: (1 / 256, 0), nn.Tanh: (2 / 256, 128),
           torch.sigmoid: (1 / 256, 0), F.sigmoid: (1 / 256, 0), F.hardsigmoid: (1 / 256, 0),
           torch.tanh: (2 / 256, 128), "sigmoid": (1 / 256, 0), "tanh": (2 / 256, 128)}
-_NO_CLAMP = (-math.inf, math.inf)
-
-
-@dataclass(frozen=True)
-class Grid:
-    """A quint8 grid: ``value = scale * (code - zero_point)``, codes 0..top (255 unless the
-    fake-quant uses fewer levels)."""
-
-    scale: float
-    zero_point: int
-    top: int = 255
-
-    def code(self, value: float) -> int:
-        """The quint8 code a quantized op writes for ``value`` (before the grid's top)."""
-        if math.isinf(value):
-            return 0 if value < 0 else 255
-        return min(max(round(value / self.scale) + self.zero_point, 0), 255)
-
-
-def fake_quant_grid(node: fx.Node) -> Grid:
-    _, scale, zero_point, qmin, qmax = node.args
-    return Grid(float(scale), int(zero_point) - qmin, qmax - qmin)
-
-
-def _clamp(grid: Grid, bounds: tuple[float, float], relu_kernel: bool) -> tuple[bool, tuple | None]:
-    """How an op writing to ``grid`` applies the clamp ``bounds`` and the grid's own ends:
-    (use its ReLU kernel, the bounds of a quantized clamp after it, None: none needed). Codes
-    0 and 255 clamp by themselves, and rounding is monotone, so clamping codes is clamping values."""
-    lo, hi = bounds
-    relu = relu_kernel and lo > -math.inf and grid.code(lo) == grid.zero_point
-    low = None if relu or grid.code(lo) == 0 else lo
-    high = None if grid.code(hi) == 255 and grid.top == 255 else \
-        hi if grid.code(hi) <= grid.top else grid.scale * (grid.top - grid.zero_point)
-    return relu, None if low is None and high is None else (low, high)
 
 
 @dataclass(frozen=True)
@@ -131,63 +94,6 @@ def quantized_engine(engine: str) -> Iterator[None]:
         torch.backends.quantized.engine = before
 
 
-def _module_bounds(m: nn.Module) -> tuple[float, float] | None:
-    """The clamp an activation module computes (None: not a clamp)."""
-    if isinstance(m, nn.Identity):
-        return _NO_CLAMP
-    if isinstance(m, nn.ReLU):
-        return 0.0, math.inf
-    return (float(m.min_val), float(m.max_val)) if isinstance(m, nn.Hardtanh) else None
-
-
-def _bounds(gm: fx.GraphModule, node: fx.Node) -> tuple[float, float] | None:
-    """The clamp an activation node computes (None: not a ReLU, ReLU6 or Hardtanh)."""
-    if node.op == "call_module":
-        m = gm.get_submodule(node.target)
-        return None if isinstance(m, nn.Identity) else _module_bounds(m)
-    if calls(node, (F.relu, torch.relu), ("relu",)):
-        return 0.0, math.inf
-    if calls(node, (F.relu6,)):
-        return 0.0, 6.0
-    if calls(node, (F.hardtanh,)):
-        return float(argument(node, 1, "min_val", -1.0)), float(argument(node, 2, "max_val", 1.0))
-    return None
-
-
-def quantized_layer(module: nn.Module, base: type, relu: bool, grid: Grid) -> nn.Module:
-    """The torch.ao quantized module computing ``module`` (weight-quantized by ``quantize``)
-    from its int8 weight and per-channel scales, writing to ``grid``."""
-    q, scale, axis = weight_quant(module)
-    shape = [-1 if d == axis else 1 for d in range(q.dim())]
-    weight = torch.quantize_per_channel(q.float() * scale.reshape(shape), scale.double(),
-                                        torch.zeros(len(scale), dtype=torch.long), axis, torch.qint8)
-    cls, bias = QUANTIZED_LAYERS[base][relu], module.bias is not None
-    if base is nn.Linear:
-        out = cls(module.in_features, module.out_features, bias)
-    else:
-        out = cls(module.in_channels, module.out_channels, module.kernel_size, module.stride, module.padding,
-                  module.dilation, module.groups, bias)
-    out.set_weight_bias(weight, module.bias.detach().float() if bias else None)
-    out.scale, out.zero_point = grid.scale, grid.zero_point
-    return out
-
-
-def _why_not_quantized(module: nn.Module, base: type | None) -> str | None:
-    if base is None:
-        return f"{type(module).__name__}: no quantized module in torch.ao.nn.quantized"
-    if isinstance(module, (FusedConv1d, FusedConv2d, FusedLinear)):
-        if not isinstance(module.bn, nn.Identity):
-            return "its BatchNorm is not folded"
-        if _module_bounds(module.act) is None:
-            return (f"{type(module.act).__name__} inside it: no quantized {base.__name__} applies it, and "
-                    f"quantize calibrated only its output")
-    elif type(module).forward is not base.forward:
-        return f"{type(module).__name__} has its own forward"
-    if base is not nn.Linear and (isinstance(module.padding, str) or module.padding_mode != "zeros"):
-        return f"padding {module.padding!r} ({module.padding_mode}): quantized convolutions pad with zeros only"
-    return None
-
-
 class _Lowering:
     def __init__(self, gm: fx.GraphModule):
         self.gm, self.graph = gm, fx.Graph()
@@ -234,7 +140,7 @@ class _Lowering:
             return value
         out = self.graph.call_function(torch.quantize_per_tensor, (self._dequantized(value), grid.scale,
                                                                    grid.zero_point, torch.quint8))
-        return Value(self._clamped(out, _clamp(grid, _NO_CLAMP, False)[1]), grid)
+        return Value(self._clamped(out, clamping(grid, NO_CLAMP, False)[1]), grid)
 
     def _clamped(self, out: fx.Node, bounds: tuple | None) -> fx.Node:
         return out if bounds is None else self.graph.call_function(torch.clamp, (out, *bounds))
@@ -281,7 +187,7 @@ class _Lowering:
         user = next(iter(node.users))
         if is_fake_quant(user):
             return None, user
-        if _bounds(self.gm, user) is None or len(user.users) != 1:
+        if activation_bounds(self.gm, user) is None or len(user.users) != 1:
             return None
         fq = next(iter(user.users))
         return (user, fq) if is_fake_quant(fq) else None
@@ -302,7 +208,7 @@ class _Lowering:
         if chain is None:
             return False
         act, fq = chain
-        grid, bounds = fake_quant_grid(fq), _bounds(self.gm, act) if act is not None else _NO_CLAMP
+        grid, bounds = fake_quant_grid(fq), activation_bounds(self.gm, act) if act is not None else NO_CLAMP
         inputs = list(node.args[0]) if kind == "cat" else list(node.args)
         if not all(isinstance(x, fx.Node) and self.env[x].grid is not None for x in inputs):
             made = "an input is not int8 here"
@@ -321,11 +227,11 @@ class _Lowering:
         """(quantized module call, clamp after it, its name), or why the layer stays fp32."""
         module = self.gm.get_submodule(node.target)
         base = next((c for c in type(module).__mro__ if c in QUANTIZED_LAYERS), None)
-        why = _why_not_quantized(module, base)
+        why = why_not_quantized(module, base)
         if why:
             return why
-        inner = _module_bounds(getattr(module, "act", nn.Identity()))
-        relu, clamp = _clamp(grid, (max(bounds[0], inner[0]), min(bounds[1], inner[1])), True)
+        inner = module_bounds(getattr(module, "act", nn.Identity()))
+        relu, clamp = clamping(grid, (max(bounds[0], inner[0]), min(bounds[1], inner[1])), True)
         qmodule = quantized_layer(module, base, relu, grid)
         out = self.graph.call_module(self._add_module(node.target, qmodule), (self.env[node.args[0]].node,))
         return out, clamp, type(qmodule).__name__
@@ -334,12 +240,12 @@ class _Lowering:
         """(``quantized::`` op call, clamp after it, the op's name) for add, mul, matmul, cat."""
         values = [self.env[x].node for x in inputs]
         if kind == "cat":
-            kernel, args, (_, clamp) = _Q.cat, (values, argument(node, 1, "dim", 0)), _clamp(grid, bounds, False)
+            kernel, args, (_, clamp) = _Q.cat, (values, argument(node, 1, "dim", 0)), clamping(grid, bounds, False)
         else:
             if node.op == "call_module":                  # AddReLU
                 bounds = (max(bounds[0], 0.0), bounds[1])
             plain, with_relu = _KERNELS[kind]
-            relu, clamp = _clamp(grid, bounds, with_relu is not None)
+            relu, clamp = clamping(grid, bounds, with_relu is not None)
             kernel, args = (with_relu if relu else plain), tuple(values)
         out = self.graph.call_function(kernel, (*args, grid.scale, grid.zero_point))
         return out, clamp, kernel._qualified_op_name

@@ -1,13 +1,11 @@
-"""TFLite emitter: Graph (fp16 graphs upcast) -> .onnx (onnx emitter) -> onnx2tf -> TFLite builtin ops only -> .tflite, run by LiteRT."""
+"""TFLite emitter: Graph (fp16 upcast) -> .onnx (onnx emitter) -> onnx2tf -> builtin ops only -> .tflite; int8: int8.py; run: runner.py."""
 from __future__ import annotations
 
 import copy
-import json
 import os
 import re
 import shutil
 import tempfile
-from collections import Counter
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,8 +14,10 @@ import torch
 
 import graphopt
 from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
-from graphopt.emit import captured_output, write_atomic
+from graphopt.emit import captured_output, to_channels_last, write_atomic
 from graphopt.errors import first_line
+from .runner import builtin_operators, feed, load, precision, record, to_torch, with_metadata
+from .runner import operators  # noqa: F401  for bench/ and tests
 
 OPTIONS = (
     Option("precision", str, "fp32", "fp32, or fp16 weights (half the file, errors ~1e-3)",
@@ -27,21 +27,10 @@ OPTIONS = (
     Option("int8_io", bool, False, "quantized graphs: int8 inputs and outputs (default: float, "
            "quantized inside)"),
 )
-_TORCH_LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
-METADATA = "graphopt"   # the .tflite metadata entry: graphopt version, pipeline, input/output layouts
 # onnx2tf downloads these sample images for 4-D 3-channel inputs unless the file is in its working directory.
 CALIBRATION = "calibration_image_sample_data_20x128x128x3_float32.npy"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
 _NOT_BUILTIN = re.compile(r"'tf\.(\w+)' op is neither a custom op nor a flex op")
-
-
-def _channels_last(layout: str) -> bool:
-    return len(layout) >= 3 and layout.endswith("C")
-
-
-def _perm(rank: int) -> tuple[int, ...]:
-    """torch (channels-first) -> channels-last."""
-    return (0, *range(2, rank), 1)
 
 
 def _calibration(inputs: Sequence[torch.Tensor]) -> np.ndarray:
@@ -50,7 +39,7 @@ def _calibration(inputs: Sequence[torch.Tensor]) -> np.ndarray:
     x = next((t for t in inputs if t.dim() == 4 and t.shape[1] == 3), None)
     if x is None:   # onnx2tf reads the file only for such inputs: shape and dtype are all that matter
         return np.zeros((20, 128, 128, 3), np.float32)
-    nhwc = x.detach().float().permute(0, 2, 3, 1)
+    nhwc = to_channels_last(x.detach().float())
     rows, cols = (torch.arange(128) * n // 128 for n in nhwc.shape[1:3])
     return nhwc[:, rows][:, :, cols][torch.arange(20) % len(nhwc)].numpy()
 
@@ -134,62 +123,12 @@ def _to_tflite(model: Any, output_names: list[str], precision: str, name: str) -
     return data
 
 
-def _read(data: bytes) -> Any:
-    from ai_edge_litert import schema_py_generated as schema
-    return schema.Model.GetRootAs(data, 0)
-
-
-def operators(data: bytes) -> tuple[Counter, list[str]]:
-    """The operators of a .tflite file's bytes: counts of the builtin ones by name (CONV_2D),
-    and the custom ones by code (Flex ops, i.e. select TensorFlow ops, are FlexErf and the like)."""
-    from ai_edge_litert import schema_py_generated as schema
-
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    model, builtin, custom = _read(data), Counter(), set()
-    for s in range(model.SubgraphsLength()):
-        subgraph = model.Subgraphs(s)
-        for i in range(subgraph.OperatorsLength()):
-            code = model.OperatorCodes(subgraph.Operators(i).OpcodeIndex())
-            number = max(code.BuiltinCode(), code.DeprecatedBuiltinCode())
-            if number == schema.BuiltinOperator.CUSTOM:
-                custom.add(code.CustomCode().decode())
-            else:
-                builtin[names[number]] += 1
-    return builtin, sorted(custom)
-
-
-def _with_metadata(data: bytes, info: dict) -> bytes:
-    """``data`` with ``info`` as JSON in the metadata entry METADATA."""
-    import flatbuffers
-    from ai_edge_litert import schema_py_generated as schema
-
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
-    buffer = schema.BufferT()
-    buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
-    entry = schema.MetadataT()
-    entry.name, entry.buffer = METADATA, len(model.buffers)
-    model.buffers.append(buffer)
-    model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(data) + 4096)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
-
-
-def _metadata(data: bytes, path: Path) -> dict:
-    model = _read(data)
-    for i in range(model.MetadataLength()):
-        entry = model.Metadata(i)
-        if entry.Name() == METADATA.encode():
-            return json.loads(model.Buffers(entry.Buffer()).DataAsNumpy().tobytes())
-    raise EmitError(f"{path} has no graphopt metadata (tensor layouts); emit it with graphopt")
-
-
 def _fits(value: dict, details: dict) -> list[str]:
     """The layouts in which the .tflite may hold torch's ``value``: its own, channels-last."""
     shape, layout = value["shape"], value["layout"]
     actual = [int(d) for d in details[value["name"]]["shape"]]
     fits = [layout] if actual == shape else []
-    if layout in ("NCL", "NCHW", "NCDHW") and actual == [shape[i] for i in _perm(len(shape))]:
+    if layout in ("NCL", "NCHW", "NCDHW") and actual == [shape[0], *shape[2:], shape[1]]:
         fits.append(layout.replace("C", "") + "C")
     if not fits:
         raise EmitError(f"onnx2tf gave {value['name']} the shape {actual}, no layout of torch's {shape}")
@@ -202,36 +141,8 @@ def _spec(value: dict, details: dict, layout: str) -> dict:
             "dtype": np.dtype(detail["dtype"]).name, "layout": layout}
 
 
-def _to_torch(array: np.ndarray, layout: str, quantization: list | None = None) -> torch.Tensor:
-    if quantization:                                   # an int8 output: back to real numbers
-        scale, zero_point = quantization
-        array = (array.astype(np.float32) - zero_point) * np.float32(scale)
-    if _channels_last(layout):
-        array = array.transpose(np.argsort(_perm(array.ndim)))
-    return torch.from_numpy(np.ascontiguousarray(array))
-
-
-def _feed(inputs: Sequence[torch.Tensor], specs: list[dict], file: str) -> dict[str, np.ndarray]:
-    if len(inputs) != len(specs):
-        raise EmitError(f"{file} takes {len(specs)} inputs, got {len(inputs)}")
-    feed = {}
-    for t, spec in zip(inputs, specs):
-        array = t.detach().cpu().numpy()
-        if spec.get("quantization"):                   # an int8 input: quantize with its scale
-            scale, zero_point = spec["quantization"]
-            array = np.clip(np.round(array / scale) + zero_point, -128, 127)
-        array = array.astype(spec["dtype"], copy=False)
-        if _channels_last(spec["layout"]):
-            array = array.transpose(_perm(array.ndim))
-        if list(array.shape) != spec["shape"]:
-            raise EmitError(f"{file} takes {spec['name']} of shape {spec['shape']} ({spec['layout']}), "
-                            f"got {list(t.shape)} in torch layout")
-        feed[spec["name"]] = np.ascontiguousarray(array)
-    return feed
-
-
 def _closest(fits: list[str], actual: np.ndarray, expected: torch.Tensor) -> str:
-    return min(fits, key=lambda layout: float((_to_torch(actual, layout) - expected).abs().max()))
+    return min(fits, key=lambda layout: float((to_torch(actual, layout) - expected).abs().max()))
 
 
 def _specs(data: bytes, onnx_meta: dict, graph: graphopt.Graph, keep_nchw: bool) -> tuple[list, list]:
@@ -246,7 +157,7 @@ def _specs(data: bytes, onnx_meta: dict, graph: graphopt.Graph, keep_nchw: bool)
     fits = [_fits(v, details) for v in onnx_meta["outputs"]]
     if any(len(f) > 1 for f in fits):
         with captured_output():
-            actual = signature(**_feed(graph.example_inputs, inputs, graph.name))
+            actual = signature(**feed(graph.example_inputs, inputs, graph.name))
         fits = [[_closest(f, actual[v["name"]], expected)]
                 for f, v, expected in zip(fits, onnx_meta["outputs"], graph.run())]
     return inputs, [_spec(v, details, f[0]) for v, f in zip(onnx_meta["outputs"], fits)]
@@ -287,7 +198,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     fp16 graph always gets)."""
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
     if graph.precision == "int8":
-        return _emit_int8(graph, opts, out_dir)
+        from . import int8 as tflite_int8
+        return tflite_int8.emit(graph, opts, out_dir)
     if opts["int8_io"]:
         raise EmitError(f"int8_io needs a quantized graph; {graph.name} is not (run quantize first)")
     upcast = _fp32_copy(graph)
@@ -317,100 +229,19 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         data = _to_tflite(model, output_names, opts["precision"], graph.name)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    ops, custom = operators(data)
-    if custom:
-        raise EmitError(f"the TFLite model of {graph.name} uses ops outside the TFLite builtins "
-                        f"({', '.join(custom)}); graphopt ships builtin ops only")
+    ops = builtin_operators(data, f"the TFLite model of {graph.name}")
     inputs, outputs = _specs(data, onnx_meta, graph, opts["keep_nchw"])
-    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
-            "precision": opts["precision"], "inputs": inputs, "outputs": outputs}
+    info = record(graph, precision=opts["precision"], inputs=inputs, outputs=outputs)
     suffix = "" if opts["precision"] == "fp32" else f"_{opts['precision']}"
     target = Path(out_dir) / f"{graph.name}{suffix}.tflite"
     target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, _with_metadata(data, info))
+    write_atomic(target, with_metadata(data, info))
     meta = {"precision": opts["precision"], "onnx_opset": onnx_meta["opset"],
             "converter": f"onnx2tf {onnx2tf.__version__}, TensorFlow {tensorflow.__version__}",
             "op_types": dict(sorted(ops.items())), "inputs": inputs, "outputs": outputs}
     if upcast is not None:
         meta["fp16"] = "weights: the fp16 graph upcast to fp32, converted with TFLite float16 weights"
     return Artifact("tflite", target, meta)
-
-
-def _emit_int8(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
-    """A quantized graph => ``<name>_int8.tflite`` through litert-torch (``tflite_int8``):
-    int8 kernels holding the graph's own scales."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    try:
-        from . import int8 as tflite_int8
-        with captured_output():
-            import litert_torch
-    except ImportError as exc:
-        raise EmitError(f"int8 TFLite needs litert-torch: {first_line(exc)}; pip install "
-                        f"'graphopt[tflite]'") from exc
-    try:
-        data, io = tflite_int8.convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"])
-    except Exception as exc:
-        raise EmitError(f"litert-torch could not convert the quantized {graph.name}: {first_line(exc)}") from exc
-    ops, custom = operators(data)
-    if custom:
-        raise EmitError(f"the int8 TFLite model of {graph.name} uses ops outside the TFLite builtins "
-                        f"({', '.join(custom)}); graphopt ships builtin ops only")
-    signature = Interpreter(model_content=data).get_signature_runner()
-    specs = {}
-    for kind, details in (("inputs", signature.get_input_details()), ("outputs", signature.get_output_details())):
-        specs[kind] = []
-        for value in io[kind]:
-            d = details[value["name"]]
-            rank = len(d["shape"])
-            layout = _TORCH_LAYOUTS.get(rank, "torch")
-            if value["layout"] == "channels_last":
-                layout = layout.replace("C", "") + "C"
-            dtype = np.dtype(d["dtype"]).name
-            specs[kind].append({"name": value["name"], "shape": [int(x) for x in d["shape"]], "dtype": dtype,
-                                "layout": layout,
-                                "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
-                                if dtype == "int8" else None})
-    info = {"graphopt": graphopt.__version__, "pipeline": str(graph.meta.get("pipeline", "")),
-            "precision": "int8", **specs}
-    target = Path(out_dir) / f"{graph.name}_int8{'_io' if opts['int8_io'] else ''}.tflite"
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_atomic(target, _with_metadata(data, info))
-    return Artifact("tflite", target, {
-        "precision": "int8", "converter": f"litert-torch {litert_torch.__version__} (STATIC, strict QDQ)",
-        "op_types": dict(sorted(ops.items())), "int8_io": opts["int8_io"], **specs,
-        "scales": tflite_int8.scale_check(data, graph.module)})
-
-
-def precision(path: Path) -> str:
-    """The precision in graphopt's metadata entry (fp32 when an older graphopt left it out)."""
-    return _metadata(Path(path).read_bytes(), path).get("precision", "fp32")
-
-
-def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner:
-    """A runner on LiteRT's interpreter (XNNPACK on CPU); ``threads`` sets its thread count."""
-    from ai_edge_litert.interpreter import Interpreter
-
-    path = Path(artifact.path)
-    data = path.read_bytes()
-    info = _metadata(data, path)
-    try:
-        with captured_output():   # "Created TensorFlow Lite XNNPACK delegate" on stderr
-            interpreter = Interpreter(model_content=data, num_threads=threads)
-            interpreter.allocate_tensors()
-        signature = interpreter.get_signature_runner()
-    except Exception as exc:
-        raise EmitError(f"LiteRT cannot load {path}: {first_line(exc)}") from exc
-
-    def run(inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-        feed = _feed(inputs, info["inputs"], path.name)
-        try:
-            outputs = signature(**feed)
-        except Exception as exc:
-            raise EmitError(f"LiteRT failed to run {path.name}: {first_line(exc)}") from exc
-        return [_to_torch(outputs[o["name"]], o["layout"], o.get("quantization")) for o in info["outputs"]]
-
-    return run
 
 
 @graphopt.hookimpl

@@ -10,19 +10,23 @@ litert-torch==0.10.0.
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 from torch import fx
 from torch.nn.utils import parametrize
 
-import graphopt.qdq as quant_qdq
+import graphopt
+from graphopt import Artifact, EmitError
+from graphopt.emit import captured_output, to_channels_first, to_channels_last, write_atomic
+from graphopt.errors import first_line
 from graphopt.quant import is_fake_quant
+from graphopt.quant import to_qdq as qdq_form
+from .runner import builtin_operators, record, with_metadata
 
-
-def _perm(rank: int) -> list[int]:
-    """torch (channels-first) -> channels-last."""
-    return [0, *range(2, rank), 1]
+_TORCH_LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
 
 
 def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
@@ -32,7 +36,7 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     [{name, layout}]}. ``channels_last``: 3-5-D inputs and outputs channels-last (NHWC)."""
     with torch.no_grad():
         ranks = [t.dim() for t in torch.utils._pytree.tree_flatten(gm(*example_inputs))[0]]
-    gm, _ = quant_qdq.to_qdq(gm)
+    gm, _ = qdq_form(gm)
     g = gm.graph
 
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
@@ -41,10 +45,9 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         layout = "torch"
         if channels_last and 3 <= t.dim() <= 5:
             layout = "channels_last"
-            perm = _perm(t.dim())
-            t = t.permute(perm).contiguous()
+            t = to_channels_last(t).contiguous()
             with g.inserting_after(n):
-                back = g.call_function(torch.permute, (n, [perm.index(i) for i in range(t.dim())]))
+                back = g.call_function(to_channels_first, (n,))
             n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
         samples[n.name] = t
         io["inputs"].append({"name": n.name, "shape": list(t.shape), "layout": layout})
@@ -57,7 +60,7 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         if channels_last and 3 <= ranks[i] <= 5:
             layout = "channels_last"
             with g.inserting_before(output):
-                v = g.call_function(torch.permute, (v, _perm(ranks[i])))
+                v = g.call_function(to_channels_last, (v,))
         outs[f"output_{i}"] = v
         io["outputs"].append({"name": f"output_{i}", "layout": layout})
     output.args = (outs,)   # a dict: litert-torch names the signature's outputs by its keys
@@ -104,8 +107,6 @@ def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io:
     """The int8 .tflite of the fake-quant ``gm``: float inputs and outputs (QUANTIZE/DEQUANTIZE
     inside) or, for ``int8_io``, int8 ones carrying the scale and zero point of the fake quants
     right after the inputs and right before the outputs; and the I/O description of ``to_qdq``."""
-    from graphopt.emit import captured_output
-
     module, samples, io = to_qdq(gm, example_inputs, channels_last)
     with captured_output():   # litert-torch's progress lines, absl logs
         import litert_torch
@@ -142,3 +143,44 @@ def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
         else:
             worst = max(worst, float(best))
     return {"checked": checked, "max_rel_diff": worst, "unmatched": unmatched}
+
+
+def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
+    """A quantized graph => ``<name>_int8.tflite`` through litert-torch (``convert``): int8
+    kernels holding the graph's own scales; ``opts`` are the tflite emitter's."""
+    from ai_edge_litert.interpreter import Interpreter
+
+    try:
+        with captured_output():
+            import litert_torch
+    except ImportError as exc:
+        raise EmitError(f"int8 TFLite needs litert-torch: {first_line(exc)}; pip install "
+                        f"'graphopt[tflite]'") from exc
+    try:
+        data, io = convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"])
+    except Exception as exc:
+        raise EmitError(f"litert-torch could not convert the quantized {graph.name}: {first_line(exc)}") from exc
+    ops = builtin_operators(data, f"the int8 TFLite model of {graph.name}")
+    signature = Interpreter(model_content=data).get_signature_runner()
+    specs = {}
+    for kind, details in (("inputs", signature.get_input_details()), ("outputs", signature.get_output_details())):
+        specs[kind] = []
+        for value in io[kind]:
+            d = details[value["name"]]
+            rank = len(d["shape"])
+            layout = _TORCH_LAYOUTS.get(rank, "torch")
+            if value["layout"] == "channels_last":
+                layout = layout.replace("C", "") + "C"
+            dtype = np.dtype(d["dtype"]).name
+            specs[kind].append({"name": value["name"], "shape": [int(x) for x in d["shape"]], "dtype": dtype,
+                                "layout": layout,
+                                "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
+                                if dtype == "int8" else None})
+    info = record(graph, **specs)
+    target = Path(out_dir) / f"{graph.name}_int8{'_io' if opts['int8_io'] else ''}.tflite"
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_atomic(target, with_metadata(data, info))
+    return Artifact("tflite", target, {
+        "precision": "int8", "converter": f"litert-torch {litert_torch.__version__} (STATIC, strict QDQ)",
+        "op_types": dict(sorted(ops.items())), "int8_io": opts["int8_io"], **specs,
+        "scales": scale_check(data, graph.module)})

@@ -1,0 +1,87 @@
+"""quantize's calibration: the data as batches, fp32 values observed once, quantized copies scored vs fp32."""
+from __future__ import annotations
+
+import copy
+import math
+
+import torch
+import torch.fx as fx
+
+from graphopt import PassContext
+from graphopt.graph import annotate, flatten_outputs
+from graphopt.metrics import compare
+from .observers import Observer, QParams, qparams
+from .plan import insert, plan
+
+
+def calibration_batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
+    """``ctx.data["calibration"]`` as input tuples, checked against the example inputs."""
+    batches = []
+    for i, item in enumerate(ctx.data["calibration"]):
+        batch = (item,) if isinstance(item, torch.Tensor) else tuple(item)
+        if len(batch) != len(ctx.example_inputs):
+            raise ValueError(f"calibration sample {i} has {len(batch)} inputs, the model takes "
+                             f"{len(ctx.example_inputs)}")
+        for t, ex in zip(batch, ctx.example_inputs):
+            if t.shape[1:] != ex.shape[1:]:
+                raise ValueError(f"calibration sample {i} has shape {tuple(t.shape)}, the model takes "
+                                 f"{tuple(ex.shape)}")
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise ValueError(f"calibration sample {i} holds NaN or Inf; clean the data before calibrating")
+        batches.append(batch)
+    if not batches:
+        raise ValueError("the calibration data is empty")
+    return batches
+
+
+def _values(gm: fx.GraphModule, batches, nodes: set[str]) -> list[dict[str, torch.Tensor]]:
+    """The values of the named nodes for every batch."""
+    out = []
+    for batch in batches:
+        seen: dict[str, torch.Tensor] = {}
+
+        def record(n, v):
+            if n.name in nodes and isinstance(v, torch.Tensor):
+                seen[n.name] = v.detach().clone()        # a later in-place op must not change it
+        annotate(gm, batch, record=record)
+        out.append(seen)
+    return out
+
+
+def _sqnr(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
+    """Signal to quantization noise of ``got`` against ``ref``, in dB."""
+    signal = sum(float(r.double().pow(2).sum()) for r in ref)
+    noise = sum(float((r.double() - g.double()).pow(2).sum()) for r, g in zip(ref, got))
+    return math.inf if noise == 0 else 10 * math.log10(max(signal, 1e-30) / noise)
+
+
+class Calibrated:
+    """The fp32 graph's values on the calibration data, observed once per value."""
+
+    def __init__(self, gm: fx.GraphModule, batches, observer: str, activations: str):
+        self.gm, self.batches, self.observer, self.activations = gm, batches, observer, activations
+        self.values = _values(gm, batches, {n.name for n in gm.graph.nodes})
+        with torch.no_grad():
+            self.outputs = [flatten_outputs(gm(*b)) for b in batches]
+        self._ranges: dict[str, QParams] = {}
+
+    def qparams(self, names) -> dict[str, QParams]:
+        for name in names:
+            if name not in self._ranges:
+                obs = Observer(self.observer)
+                for values in self.values:
+                    obs.observe(values[name])
+                self._ranges[name] = qparams(*obs.range(), self.activations)
+        return {n: self._ranges[n] for n in names}
+
+    def quantized(self, patterns: list[str], excluded: dict[str, str], batches: int | None = None):
+        """A quantized copy of the graph keeping ``excluded`` in fp32, its plan, its qparams and
+        the SQNR of its outputs (on the first ``batches`` calibration batches)."""
+        work = copy.deepcopy(self.gm)
+        p = plan(work, patterns, excluded)
+        chosen = insert(work, p, self.qparams([n.name for n in p.observed]))
+        use = self.batches[:batches]
+        with torch.no_grad():
+            got = [t for b in use for t in flatten_outputs(work(*b))]
+        ref = [t for out in self.outputs[:len(use)] for t in out]
+        return work, p, chosen, _sqnr(ref, got), compare(ref, got).cosine

@@ -1,0 +1,65 @@
+"""int8 TFLite from a quantized graph (litert-torch route): int8 kernels, graphopt's own
+scales in the file, verified in LiteRT; float or int8 inputs and outputs."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from graphopt.driver import optimize
+import graphopt_plugins.tflite as tflite_emitter
+from graphopt.quant import activation_qparams, is_fake_quant
+from zoo.cnn import tiny_mobilenet_v3
+
+pytest.importorskip("litert_torch")
+
+PIPELINE = "cleanup,fold-bn,fuse,quantize(prefer=size)"
+
+
+@pytest.fixture(scope="module")
+def emitted(registry, tmp_path_factory):
+    x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    calib = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i + 1)) for i in range(6)]
+    return optimize(tiny_mobilenet_v3(), (x,), registry, pipeline=PIPELINE,
+                    formats="tflite,tflite(int8_io=true)", out_dir=tmp_path_factory.mktemp("int8"),
+                    data={"calibration": calib})
+
+
+def test_int8_tflite_verifies_with_int8_kernels(emitted):
+    assert emitted.ok
+    float_io, int8_io = emitted.artifacts
+    for check in (float_io, int8_io):
+        meta = check.artifact.meta
+        assert meta["precision"] == tflite_emitter.precision(check.artifact.path) == "int8" and check.verified
+        assert check.vs_graph.cosine > 0.999
+        ops = meta["op_types"]
+        assert ops["CONV_2D"] >= 10 and ops["DEPTHWISE_CONV_2D"] == 3 and "HARD_SWISH" in ops
+    assert float_io.artifact.meta["op_types"]["QUANTIZE"] >= 1
+    assert int8_io.artifact.path.name.endswith("_int8_io.tflite")
+
+
+def test_int8_tflite_holds_the_graphs_scales(emitted):
+    from ai_edge_litert.interpreter import Interpreter
+
+    check = emitted.artifacts[0]
+    assert check.artifact.meta["scales"]["unmatched"] == 0 and check.artifact.meta["scales"]["max_rel_diff"] == 0
+    ours = {activation_qparams(n).scale for n in emitted.graph.module.graph.nodes if is_fake_quant(n)}
+    tensors = Interpreter(model_path=str(check.artifact.path)).get_tensor_details()
+    int8 = [t for t in tensors if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) == 1]
+    assert int8 and all(float(t["quantization_parameters"]["scales"][0]) in {np.float32(s) for s in ours}
+                        for t in int8)
+    weights = [t for t in tensors if t["dtype"] == np.int8 and len(t["quantization_parameters"]["scales"]) > 1]
+    assert len(weights) >= 14
+
+
+def test_int8_io_takes_and_returns_int8(emitted):
+    from ai_edge_litert.interpreter import Interpreter
+
+    check = emitted.artifacts[1]
+    runner = Interpreter(model_path=str(check.artifact.path)).get_signature_runner()
+    assert all(d["dtype"] == np.int8 for d in runner.get_input_details().values())
+    assert all(d["dtype"] == np.int8 for d in runner.get_output_details().values())
+    first = next(n for n in emitted.graph.module.graph.nodes if is_fake_quant(n))
+    q = activation_qparams(first)
+    spec = check.artifact.meta["inputs"][0]
+    assert spec["quantization"] == [pytest.approx(q.scale), q.zero_point - 128]   # uint8 zp in int8 terms

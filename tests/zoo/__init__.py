@@ -1,0 +1,14 @@
+"""The test-model zoo: plain nn.Modules, fx-traceable, seeded, in eval mode.
+
+``cnn`` (ResNet-, MobileNet- and MLP-style, ``ZOO``), ``transformers`` (ViT-, Swin- and
+ConvNeXt-style, ``TRANSFORMER_ZOO``), ``prune`` (one channel-coupling pattern each,
+``PRUNE_ZOO`` and ``example_input``), ``fold`` (BatchNorm randomizer, the capture -> pipeline ->
+compare helper and a conv with two users) and ``half`` (fp16 graphs as the fp16 pass leaves them).
+Each ``*ZOO`` maps a name to ``(builder, input_shape)``. A module is also a CLI model spec:
+``graphopt run tests/zoo/cnn.py:tiny_resnet --input-shape 1x3x32x32``.
+"""
+from .cnn import ZOO
+from .prune import PRUNE_ZOO, example_input
+from .transformers import TRANSFORMER_ZOO
+
+__all__ = ["PRUNE_ZOO", "TRANSFORMER_ZOO", "ZOO", "example_input"]
