@@ -24,7 +24,6 @@ import torch.fx as fx
 import torch.nn as nn
 from torch.nn.utils import parametrize
 
-
 FAKE_QUANT = torch.fake_quantize_per_tensor_affine
 META = "graphopt.qparams"
 

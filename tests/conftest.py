@@ -2,6 +2,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch._dynamo  # noqa: F401
+# graphopt counts MACs with torch's FlopCounterMode, whose first use imports torch._dynamo and
+# registers torch op libraries; pytester's in-process runs unload what they imported and the
+# next run would register those libraries twice, so they are imported here, once.
 
 TESTS = Path(__file__).parent
 ROOT = TESTS.parent

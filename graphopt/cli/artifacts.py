@@ -75,9 +75,10 @@ def _artifact_files(names: list[str], registry: Registry) -> list[tuple[Path, Em
 
 def cmd_golden(args, registry: Registry) -> int:
     from graphopt.driver import select_emitters
-    from graphopt.testing.golden import GRAPH, GoldenEntry, Manifest, check, record
-    from graphopt.pipeline import parse_pipeline
     from graphopt.metrics import Tolerance
+    from graphopt.pipeline import parse_pipeline
+    from graphopt.testing.golden import GRAPH, GoldenEntry, Manifest, check, record
+
     from .modelspec import parse_shape
     ui = Ui(args.quiet, args.json)
     manifest = Manifest.load(Path(args.dir))
@@ -133,8 +134,9 @@ def check_timing(args) -> None:
 def bench_run(args, result, model, registry: Registry, ui: Ui) -> list:
     import tempfile
 
-    from .bench import bench, load_eval, plot, run_subjects
     from graphopt.emit import write_json_atomic
+
+    from .bench import bench, load_eval, plot, run_subjects
     out = Path(args.out)
     eval_data = load_eval(Path(args.eval), result.original.input_names) if args.eval else None
     with tempfile.TemporaryDirectory() as tmp, ui.progress("emitting the unoptimized baselines") as progress:
@@ -147,8 +149,9 @@ def bench_run(args, result, model, registry: Registry, ui: Ui) -> list:
 
 
 def cmd_bench(args, registry: Registry) -> int:
-    from .bench import Subject, bench, load_eval, plot
     from graphopt.emit import write_json_atomic
+
+    from .bench import Subject, bench, load_eval, plot
     from .modelspec import example_inputs, parse_shape
     ui = Ui(args.quiet, args.json)
     check_timing(args)

@@ -40,11 +40,11 @@ def _check_names(args, registry: Registry) -> None:
 
 def cmd_run(args, registry: Registry) -> int:
     from graphopt.driver import optimize, select_emitters
-    from .modelspec import check_out_dir
     from graphopt.emit import write_json_atomic
-    from .modelspec import example_inputs, load_model, parse_shape
     from graphopt.passmanager import check_needs
     from graphopt.pipeline import parse_pipeline, resolve
+
+    from .modelspec import check_out_dir, example_inputs, load_model, parse_shape
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
     formats = select_emitters(registry, args.emit)

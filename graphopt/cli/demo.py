@@ -8,14 +8,14 @@ from pathlib import Path
 import torch
 
 from graphopt.cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
-from .console import Ui, artifacts_table, passes_table
-from .demo_model import accuracy, finetune, load_data, load_or_train
 from graphopt.driver import optimize
-from .modelspec import check_out_dir
 from graphopt.emit import write_json_atomic
 from graphopt.metrics import Tolerance, compare
 from graphopt.plugins import Registry
 
+from .console import Ui, artifacts_table, passes_table
+from .demo_model import accuracy, finetune, load_data, load_or_train
+from .modelspec import check_out_dir
 
 DEMO_PIPELINE = "cleanup,prune(ratio=0.5),finetune(epochs=8),fold-bn,fuse,quantize(prefer=size)"
 

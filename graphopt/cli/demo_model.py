@@ -10,6 +10,7 @@ import os
 import pickle
 import warnings
 from pathlib import Path
+
 import torch
 from torch import nn
 

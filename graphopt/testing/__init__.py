@@ -57,13 +57,19 @@ def outputs_of(subject: Any, inputs: Sequence[torch.Tensor]) -> list[torch.Tenso
 
 
 def assert_close(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor],
-                 tolerance: Tolerance, what: str = "outputs") -> Metrics:
-    """Raise AssertionError with every metric when ``actual`` misses ``tolerance``."""
-    metrics = compare(list(reference), list(actual))
+                 tolerance: Tolerance, what: str = "outputs", hint: str = "") -> Metrics:
+    """Raise AssertionError naming the metric that failed, the worst output and every metric
+    when ``actual`` misses ``tolerance``; ``hint`` ends the message (what to do)."""
+    __tracebackhide__ = True
+    reference, actual = list(reference), list(actual)
+    metrics = compare(reference, actual)
     problems = tolerance.violations(metrics)
     if problems:
+        worst = max(range(len(reference)), key=lambda i: (len(tolerance.violations(
+            compare([reference[i]], [actual[i]]))), compare([reference[i]], [actual[i]]).max_rel))
         top1 = f", top-1 {metrics.top1:.3f}" if metrics.top1 is not None else ""
-        raise AssertionError(f"{what} differ from the reference: {'; '.join(problems)} "
-                             f"(max abs {metrics.max_abs:.3g}, max rel {metrics.max_rel:.3g}, "
-                             f"cosine {metrics.cosine:.6f}, SQNR {metrics.sqnr_db:.1f} dB{top1})")
+        raise AssertionError(f"{what} differ from the reference: {'; '.join(problems)}; worst: output {worst} of "
+                             f"{len(reference)} (max abs {metrics.max_abs:.3g}, max rel {metrics.max_rel:.3g}, "
+                             f"cosine {metrics.cosine:.6f}, SQNR {metrics.sqnr_db:.1f} dB{top1})"
+                             + (f"; {hint}" if hint else ""))
     return metrics

@@ -108,7 +108,9 @@ class Manifest:
     @classmethod
     def load(cls, path: Path) -> "Manifest":
         path = Path(path)
-        if path.is_dir():
+        if path.suffix != ".json":                 # a golden folder, made on the first save
+            if path.exists() and not path.is_dir():
+                raise UsageError(f"golden folder {path} exists and is not a folder; choose another --dir")
             path = path / MANIFEST
         if not path.is_file():
             return cls(path)
@@ -147,8 +149,8 @@ def build_model(manifest: Manifest, entry: GoldenEntry) -> torch.nn.Module:
 
 def record(manifest: Manifest, entry: GoldenEntry) -> GoldenCase:
     """Run the entry's model eagerly on seeded inputs and store inputs and outputs."""
-    from graphopt.graph import flatten_outputs
     from graphopt.cli.modelspec import example_inputs
+    from graphopt.graph import flatten_outputs
     model = build_model(manifest, entry)
     inputs = example_inputs([tuple(s) for s in entry.inputs.values()], entry.seed)
     with torch.no_grad():

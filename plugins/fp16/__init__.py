@@ -6,9 +6,10 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import Effect, Option, Pass, PassContext, PassResult
+from graphopt.cli.calibration import graphopt_add_options, graphopt_data_hint, graphopt_run_data  # noqa: F401  --calib
+
 from . import weights as fp16_weights
 from .plan import CALLS, FP16_MAX, Plan, Planner, attribute, batches, casts_to_fp32, ranges
-from graphopt.cli.calibration import graphopt_add_options, graphopt_data_hint, graphopt_run_data  # noqa: F401  --calib
 
 DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
 OPTIONS = (

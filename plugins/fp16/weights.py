@@ -6,6 +6,7 @@ import torch.fx as fx
 
 from graphopt import PassContext, PassResult
 from graphopt.errors import first_line
+
 from .plan import attribute, tensor_problem
 
 

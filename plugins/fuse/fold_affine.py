@@ -10,8 +10,9 @@ import torch.fx as fx
 import graphopt
 from graphopt import Effect, Pass
 from graphopt.fxutil import arithmetic, erase_if_unused
-from .layers import LAYERS, channel_dim, channels, why_not_absorbed, with_affine
 from graphopt.rewrite import Builder, Rewrite, rewrite_pass, shape
+
+from .layers import LAYERS, channel_dim, channels, why_not_absorbed, with_affine
 
 
 def _is_layer(gm: fx.GraphModule, value) -> bool:

@@ -8,6 +8,7 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import Effect, Pass, PassContext, PassResult
+
 from .layers import channels, why_not_absorbed, with_affine
 
 _BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)

@@ -14,8 +14,9 @@ import graphopt
 from graphopt import Effect, Pass
 from graphopt.fused import FUSED, AddReLU, fused_layer
 from graphopt.fxutil import describe, free_name, other_uses
-from .layers import plain_base, why_not_absorbed
 from graphopt.rewrite import Builder, Rewrite, argument, calls, rewrite_pass
+
+from .layers import plain_base, why_not_absorbed
 
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
               F.hardtanh: "hardtanh", F.hardswish: "hardswish"}

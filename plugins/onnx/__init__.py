@@ -10,9 +10,10 @@ from typing import Any, Sequence
 import torch
 
 import graphopt
-from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
+from graphopt import Artifact, EmitError, Emitter, Option, Tolerance
 from graphopt.emit import as_inputs, captured_output, provenance, write_atomic
 from graphopt.errors import first_line
+
 from . import qdq as onnx_qdq
 
 OPTIONS = (

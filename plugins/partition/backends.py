@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch.fx as fx
 
 import graphopt
+
 from .backend import Backend, NodeInfo, all_of, max_rank, op_kinds, static_shapes
 
 

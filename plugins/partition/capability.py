@@ -10,9 +10,10 @@ import torch
 import torch.fx as fx
 from torch.nn.utils import parametrize
 
-from .backend import NodeInfo, op_kinds
 from graphopt.graph import annotate
 from graphopt.quant import is_fake_quant
+
+from .backend import NodeInfo, op_kinds
 
 COMPUTE = ("call_module", "call_function", "call_method")
 # ops whose output stays on their input's int8 grid (pooling picks values, views move them)

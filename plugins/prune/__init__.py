@@ -16,6 +16,7 @@ import graphopt
 from graphopt import Effect, Option, Pass, PassContext, PassResult
 from graphopt.graph import annotate, flatten_outputs
 from graphopt.metrics import compare
+
 from .apply import MaskedRun, apply, plan
 from .deps import Analysis, Group
 from .importance import CRITERIA, Choice, parse_overrides, select, unit_scores

@@ -6,8 +6,8 @@ import numpy as np
 import torch.fx as fx
 
 from graphopt.fxutil import describe
-from .deps import Analysis, Labels
 
+from .deps import Analysis, Labels
 
 _CONSTANT_CHAIN = {"expand", "expand_as", "contiguous", "clone", "to", "float"}
 

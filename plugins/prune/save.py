@@ -18,6 +18,7 @@ import torch.nn as nn
 from graphopt.capture import capture
 from graphopt.emit import install, staging_dir
 from graphopt.passes import PassContext
+
 from . import PLAN, split_attention
 from .apply import Surgery, apply
 

@@ -9,7 +9,7 @@ from typing import Sequence
 import torch
 
 import graphopt
-from graphopt import Artifact, Emitter, EmitError, Tolerance
+from graphopt import Artifact, EmitError, Emitter, Tolerance
 from graphopt.emit import as_inputs, captured_output, write_atomic
 from graphopt.errors import first_line
 

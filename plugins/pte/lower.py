@@ -98,8 +98,7 @@ def _partitioner(names: list[str]):
     """The ExecuTorch Partitioner for ``names`` (built lazily: executorch imports slowly)."""
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.backends.xnnpack.xnnpack_preprocess import XnnpackBackend
-    from executorch.exir.backend.canonical_partitioners.config_partitioner import (format_target_name,
-                                                                                   is_constant_data)
+    from executorch.exir.backend.canonical_partitioners.config_partitioner import format_target_name, is_constant_data
     from executorch.exir.backend.partitioner import DelegationSpec, Partitioner, PartitionResult
     from executorch.exir.backend.utils import tag_constant_data
 

@@ -15,10 +15,11 @@ import torch.fx as fx
 from torch.utils._pytree import tree_flatten
 
 import graphopt
-from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
+from graphopt import Artifact, EmitError, Emitter, Option, Tolerance
 from graphopt.emit import as_inputs, provenance, write_atomic
 from graphopt.errors import first_line
 from graphopt.graph import flatten_outputs
+
 from . import int8 as ptl_int8
 
 OPTIONS = (

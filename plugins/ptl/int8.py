@@ -24,6 +24,7 @@ from graphopt.fused import AddReLU
 from graphopt.fxutil import writes_in_place
 from graphopt.quant import is_fake_quant, weight_quant
 from graphopt.rewrite import argument, calls
+
 from .layers import (NO_CLAMP, QUANTIZED_LAYERS, Grid, activation_bounds, clamping, fake_quant_grid, module_bounds,
                      quantized_layer, why_not_quantized)
 

@@ -10,13 +10,14 @@ import torch.fx as fx
 
 import graphopt
 from graphopt import Effect, Option, Pass, PassContext, PassResult
-from graphopt.graph import annotate
+from graphopt.cli.calibration import graphopt_add_options, graphopt_data_hint, graphopt_run_data  # noqa: F401  --calib
 from graphopt.fxutil import describe
+from graphopt.graph import annotate
+
 from .calibrate import Calibrated, calibration_batches
 from .mixed import keep_for_accuracy, slow_layers
 from .observers import OBSERVERS
 from .plan import unfuse_activations
-from graphopt.cli.calibration import graphopt_add_options, graphopt_data_hint, graphopt_run_data  # noqa: F401  --calib
 
 OPTIONS = (
     Option("observer", str, "minmax", "how activation ranges are calibrated", OBSERVERS),

@@ -10,6 +10,7 @@ import torch.fx as fx
 from graphopt import PassContext
 from graphopt.graph import annotate, flatten_outputs
 from graphopt.metrics import compare
+
 from .observers import Observer, QParams, qparams
 from .plan import insert, plan
 

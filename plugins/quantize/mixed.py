@@ -4,6 +4,7 @@ from __future__ import annotations
 import copy
 
 from graphopt import PassContext
+
 from .calibrate import Calibrated
 from .plan import insert, plan
 

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 
 from graphopt.fused import AddReLU
 from graphopt.quant import insert_fake_quant, quantize_weight
+
 from .observers import QParams
 
 _WEIGHTED = (nn.Conv1d, nn.Conv2d, nn.Linear)

@@ -21,7 +21,6 @@ import torch.nn as nn
 import graphopt
 from graphopt.quant import QParams, insert_fake_quant, is_fake_quant, quantize_weight
 
-
 MARGIN = 0.9          # int8 stays when it takes at most this fraction of the fp32 time
 
 

@@ -8,8 +8,8 @@ from typing import Sequence
 import torch
 import torch.fx as fx
 
-from graphopt.graph import annotate
 from graphopt.fxutil import arithmetic, erase_if_unused, writes_in_place
+from graphopt.graph import annotate
 from graphopt.rewrite import Builder, Rewrite, calls, shape
 
 _IDENTITY = {"*": (1, "either"), "/": (1, "right"), "+": (0, "either"), "-": (0, "right")}

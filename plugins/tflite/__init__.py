@@ -13,11 +13,12 @@ import numpy as np
 import torch
 
 import graphopt
-from graphopt import Artifact, Emitter, EmitError, Option, Tolerance
+from graphopt import Artifact, EmitError, Emitter, Option, Tolerance
 from graphopt.emit import captured_output, to_channels_last, write_atomic
 from graphopt.errors import first_line
-from .runner import builtin_operators, feed, load, precision, record, to_torch, with_metadata
+
 from .runner import operators  # noqa: F401  for bench/ and tests
+from .runner import builtin_operators, feed, load, precision, record, to_torch, with_metadata
 
 OPTIONS = (
     Option("precision", str, "fp32", "fp32, or fp16 weights (half the file, errors ~1e-3)",
@@ -208,9 +209,9 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     onnx_emitter = _onnx_emitter()
     try:
         with captured_output():
+            import ai_edge_litert.interpreter  # noqa: F401
             import onnx2tf
             import tensorflow
-            import ai_edge_litert.interpreter  # noqa: F401
     except ImportError as exc:
         raise EmitError(f"tflite conversion needs onnx2tf, TensorFlow and LiteRT: {first_line(exc)}; "
                         f"pip install 'graphopt[tflite]'") from exc

@@ -24,6 +24,7 @@ from graphopt.emit import captured_output, to_channels_first, to_channels_last, 
 from graphopt.errors import first_line
 from graphopt.quant import is_fake_quant
 from graphopt.quant import to_qdq as qdq_form
+
 from .runner import builtin_operators, record, with_metadata
 
 _TORCH_LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}

@@ -97,3 +97,24 @@ def test_unknown_golden_model_and_missing_file(capsys, golden_copy):
     (golden_copy / "mlp.npz").unlink()
     assert main(["golden", "check", "mlp", "--dir", str(golden_copy)]) == 2
     assert "record it with `graphopt golden record`" in capsys.readouterr().err
+
+
+def test_cli_golden_record_then_check_in_a_fresh_project(capsys, tmp_path, monkeypatch):
+    """No golden/ yet: record creates the folder with the manifest and the npz inside it."""
+    (tmp_path / "net.py").write_text("import torch.nn as nn\n\ndef build():\n"
+                                     "    return nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 3))\n")
+    monkeypatch.chdir(tmp_path)
+    assert main(["golden", "record", "net", "--model", "net.py:build", "--input-shape", "2x6", "--quiet"]) == 0
+    assert sorted(p.name for p in (tmp_path / "golden").iterdir()) == ["manifest.json", "net.npz"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["golden", "net.py"]
+    assert main(["golden", "check", "--json"]) == 0
+    rows = json.loads(capsys.readouterr().out)["checks"]
+    assert [(r["model"], r["format"], r["verified"]) for r in rows] == [("net", "graph", True), ("net", "onnx", True)]
+
+
+def test_golden_dir_that_is_a_file_is_refused(capsys, tmp_path):
+    (tmp_path / "golden").write_text("not a folder")
+    code = main(["golden", "record", "net", "--model", "x.py:build", "--input-shape", "2x6",
+                 "--dir", str(tmp_path / "golden")])
+    assert code == 2 and "exists and is not a folder" in capsys.readouterr().err
+    assert (tmp_path / "golden").read_text() == "not a folder"
