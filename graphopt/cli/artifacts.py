@@ -26,6 +26,7 @@ def check_report_path(path: str | None) -> Path | None:
 def cmd_verify(args, registry: Registry) -> int:
     from graphopt.metrics import compare
     from graphopt.testing import outputs_of
+    from graphopt.testing.golden import artifact_tolerance
     case, tolerances = _reference_case(args)
     rows = []
     for path, emitter in _artifact_files(args.artifacts, registry):
@@ -35,9 +36,7 @@ def cmd_verify(args, registry: Registry) -> int:
             metrics = compare(case.outputs, outputs)
         except Exception as exc:
             raise UsageError(f"{path} cannot be checked against this reference: {first_line(exc)}") from exc
-        tolerance = (tolerances[emitter.format] if emitter.format in tolerances
-                     else emitter.tolerance_for(artifact.meta))
-        problems = tolerance.violations(metrics)
+        problems = artifact_tolerance(tolerances, emitter, artifact).violations(metrics)
         rows.append({"format": emitter.format, "path": str(path), "bytes": path.stat().st_size,
                      "verified": not problems, "problems": problems, "max_abs_err": metrics.max_abs,
                      "cosine": metrics.cosine})
@@ -50,7 +49,7 @@ def cmd_verify(args, registry: Registry) -> int:
 
 def _reference_case(args):
     """The golden case named by ``--golden NAME`` (with its manifest tolerances) or given as
-    ``--reference CASE.npz`` (no tolerances: each emitter's own for the artifact's precision)."""
+    ``--reference CASE.npz`` (no manifest: each emitter's tolerance for the file's precision)."""
     from graphopt.testing.golden import GoldenCase, Manifest
     if args.golden:
         manifest = Manifest.load(Path(args.golden_dir))

@@ -26,9 +26,8 @@ def default_tolerance(subject: Any) -> Tolerance:
     """fp32 exactness for modules and graphs; the emitter's tolerance for an artifact's
     precision (its meta's, else the one recorded in its file)."""
     if isinstance(subject, Artifact):
-        emitter = _registry_once().emitters[subject.format]
-        return emitter.tolerance_for(subject.meta if "precision" in subject.meta
-                                     else emitter.artifact_for(subject.path).meta)
+        from graphopt.testing.golden import artifact_tolerance
+        return artifact_tolerance({}, _registry_once().emitters[subject.format], subject)
     return Tolerance(max_rel=1e-5)
 
 

@@ -195,8 +195,23 @@ def check(manifest: Manifest, entry: GoldenEntry, registry, *,
                     progress(f"{entry.name}: {key}")
                 artifact = emit_one(graph, emitter, options, stage, registry)
                 outputs = emitter.load(artifact)(inputs)
-                rows.append(_row(entry.name, key, case.outputs, outputs, entry.tolerances[key]))
+                rows.append(_row(entry.name, key, case.outputs, outputs,
+                                 artifact_tolerance(entry.tolerances, emitter, artifact)))
     return rows
+
+
+def artifact_tolerance(tolerances: dict[str, Tolerance], emitter, artifact) -> Tolerance:
+    """The one rule for an artifact checked against a golden case (``golden check``, ``verify
+    --golden`` and ``--reference``, the pytest fixture): the manifest's tolerance for the
+    artifact's format at the precision its file records (key ``onnx``: fp32;
+    ``tflite(precision=fp16)``: fp16), else the emitter's tolerance for that precision."""
+    from graphopt.pipeline import parse_pipeline
+    precision = artifact.meta.get("precision") or emitter.artifact_for(artifact.path).meta.get("precision", "fp32")
+    for key, tolerance in tolerances.items():
+        item = parse_pipeline(key).items[0] if key != GRAPH else None
+        if item is not None and item.name == emitter.format and dict(item.options).get("precision", "fp32") == precision:
+            return tolerance
+    return emitter.tolerance_for({"precision": precision})
 
 
 def _row(name: str, fmt: str, reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor],

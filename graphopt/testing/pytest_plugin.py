@@ -49,13 +49,13 @@ class GoldenStore:
 
     def _tolerance(self, name: str, subject: Any):
         from graphopt.emit import Artifact
-        from graphopt.testing import default_tolerance
-        from graphopt.testing.golden import GRAPH, Manifest
+        from graphopt.testing import _registry_once, default_tolerance
+        from graphopt.testing.golden import GRAPH, Manifest, artifact_tolerance
         entry = Manifest.load(self.directory).entries.get(name)
-        key = subject.format if isinstance(subject, Artifact) else GRAPH
-        if entry is not None and key in entry.tolerances:
-            return entry.tolerances[key]
-        return default_tolerance(subject)
+        tolerances = entry.tolerances if entry is not None else {}
+        if isinstance(subject, Artifact):
+            return artifact_tolerance(tolerances, _registry_once().emitters[subject.format], subject)
+        return tolerances.get(GRAPH) or default_tolerance(subject)
 
     def _record(self, name: str, source: Any, inputs: Sequence | None) -> None:
         from graphopt.testing import outputs_of

@@ -50,8 +50,8 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
             with g.inserting_after(n):
                 back = g.call_function(to_channels_first, (n,))
             n.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
-        samples[n.name] = t
-        io["inputs"].append({"name": n.name, "shape": list(t.shape), "layout": layout})
+        samples[n.target] = t      # keyword name of the forward argument (``input`` where fx named the node input_1)
+        io["inputs"].append({"name": n.target, "shape": list(t.shape), "layout": layout})
 
     output = next(n for n in g.nodes if n.op == "output")
     flat = torch.utils._pytree.tree_flatten(output.args[0])[0]

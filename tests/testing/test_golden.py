@@ -1,6 +1,7 @@
 import json
 import shutil
 
+import numpy as np
 import pytest
 import torch
 
@@ -118,3 +119,46 @@ def test_golden_dir_that_is_a_file_is_refused(capsys, tmp_path):
                  "--dir", str(tmp_path / "golden")])
     assert code == 2 and "exists and is not a folder" in capsys.readouterr().err
     assert (tmp_path / "golden").read_text() == "not a folder"
+
+
+CONV = '''import torch
+import torch.nn as nn
+
+
+def build():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5))
+'''
+PRECISIONS = {"fp32": "cleanup", "fp16": "cleanup,fp16", "int8": "cleanup,quantize(prefer=size)"}
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "ptl", "tflite", "pte"])
+def test_verify_golden_and_reference_agree_on_every_precision(fmt, capsys, tmp_path, monkeypatch):
+    """The manifest (as `golden record --formats FMT` writes it) sets the fp32 tolerance of the
+    format; an fp16 or int8 file is judged by the emitter's tolerance for the precision its file
+    records, whichever way the reference is named."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "conv.py").write_text(CONV)
+    assert main(["golden", "record", "conv", "--model", "conv.py:build", "--input-shape", "1x3x12x12",
+                 "--formats", fmt, "--quiet"]) == 0
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((8, 3, 12, 12)).astype(np.float32))
+    seen = {}
+    for precision, pipeline in PRECISIONS.items():
+        if fmt == "pte" and precision == "fp16":
+            continue                                   # pte takes fp32 and int8 graphs only
+        out = tmp_path / precision
+        assert main(["run", "conv.py:build", "--input-shape", "1x3x12x12", "--pipeline", pipeline, "--calib",
+                     str(calib), "--emit", fmt, "--out", str(out), "--quiet", "--json"]) == 0
+        (artifact,) = json.loads(capsys.readouterr().out)["artifacts"]
+        assert artifact["meta"].get("precision", "fp32") == precision
+        verdicts = []
+        for source in (["--golden", "conv"], ["--reference", "golden/conv.npz"]):
+            code = main(["verify", artifact["path"], *source, "--json"])
+            verdicts.append((code, json.loads(capsys.readouterr().out)["artifacts"][0]))
+        (code_g, by_golden), (code_r, by_reference) = verdicts
+        assert code_g == code_r == 0, (precision, by_golden["problems"], by_reference["problems"])
+        assert by_golden == by_reference
+        seen[precision] = by_reference["cosine"]
+    assert seen["fp32"] > 0.9999 and seen["int8"] < seen["fp32"]     # the int8 file really is int8
