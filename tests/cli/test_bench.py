@@ -71,7 +71,9 @@ def test_run_bench_adds_side_by_side_baselines(capsys, tmp_path):
     report = json.loads(capsys.readouterr().out)
     rows = {r["label"]: r for r in report["bench"]}
     assert set(rows) == {"eager (unoptimized)", "fx graph (optimized)", "mlp.onnx (unoptimized)", "mlp.onnx"}
-    assert rows["mlp.onnx"]["baseline"] == "mlp.onnx (unoptimized)" and rows["mlp.onnx"]["speedup"] > 0
+    onnx, unoptimized = rows["mlp.onnx"], rows["mlp.onnx (unoptimized)"]
+    assert onnx["baseline"] == "mlp.onnx (unoptimized)"
+    assert onnx["speedup"] == pytest.approx(unoptimized["median_ms"] / onnx["median_ms"], rel=1e-3)
     assert rows["mlp.onnx (unoptimized)"]["baseline"] == "eager (unoptimized)"
     assert all(0 <= r["accuracy"] <= 1 for r in rows.values())
     assert len({r["accuracy"] for r in rows.values()}) == 1   # same function, same predictions

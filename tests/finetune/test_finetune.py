@@ -1,17 +1,18 @@
 import copy
 import json
+import time
 
 import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from conftest import TESTS
+from fixtures.finetune_train import loss, sgd
+from zoo.cnn import mlp
 
 import graphopt
 from graphopt import PassError
 from graphopt.cli import main
-from conftest import TESTS
-from fixtures.finetune_train import loss, sgd
-from zoo.cnn import mlp
 
 TRAIN = f"{TESTS / 'fixtures' / 'finetune_train.py'}:sgd"
 MODEL = f"{TESTS / 'zoo' / 'cnn.py'}:mlp"
@@ -28,11 +29,14 @@ def _weights(gm: nn.Module) -> dict[str, torch.Tensor]:
 
 def test_finetune_retrains_the_weights_and_lowers_the_loss(graph, registry):
     before, loss_before = _weights(graph.module), loss(graph.module)
-    run = graphopt.run_pipeline(graph, "finetune(epochs=2)", registry, data={"train": sgd})
+    def slow_sgd(module, *, epochs):
+        time.sleep(0.05)
+        return sgd(module, epochs=epochs)
+    run = graphopt.run_pipeline(graph, "finetune(epochs=2)", registry, data={"train": slow_sgd})
     gm = run.graph.module
     (record,) = run.records
     assert record.verified and record.modified
-    assert record.stats["epochs"] == 2 and record.stats["seconds"] >= 0
+    assert record.stats["epochs"] == 2 and 0.05 <= record.stats["seconds"] <= record.seconds   # the training, timed
     assert record.max_abs_err > 0 and record.cosine < 1.0          # vs the reference, as for any pass
     assert not any(m.training for m in gm.modules())              # back in eval mode
     assert not torch.equal(gm.get_submodule("0").weight, before["0.weight"])

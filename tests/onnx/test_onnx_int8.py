@@ -222,14 +222,14 @@ def test_driver_verifies_the_int8_artifact_and_so_does_the_cli(registry, tmp_pat
     assert check.artifact.meta["precision"] == "int8" and check.artifact.path == tmp_path / "ResNet.onnx"
     assert check.vs_graph.cosine >= 0.999
     emitter = registry.emitters["onnx"]
-    assert emitter.tolerance_for({"precision": "int8"}) == Tolerance(min_cosine=0.99)
+    assert emitter.tolerance_for({"precision": "int8"}) == Tolerance(min_cosine=0.99, min_sqnr_db=14.0)
     # against the fp32 model's outputs, judged at the precision the file records, not at fp32's
     x = _inputs(1, 7)[0]
     with torch.no_grad():
         reference = model(x)
     GoldenCase({"x": x}, [reference]).save(tmp_path / "fp32.npz")
     assert emitter.precision(check.artifact.path) == "int8"
-    assert default_tolerance(Artifact("onnx", check.artifact.path)) == Tolerance(min_cosine=0.99)
+    assert default_tolerance(Artifact("onnx", check.artifact.path)) == Tolerance(min_cosine=0.99, min_sqnr_db=14.0)
     assert emitter.tolerance.violations(compare([reference], emitter.load(check.artifact)([x])))
     assert main(["verify", str(check.artifact.path), "--reference", str(tmp_path / "fp32.npz"), "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["ok"]

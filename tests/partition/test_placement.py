@@ -1,5 +1,9 @@
 import io
+import json
+import os
 import re
+import subprocess
+import sys
 
 import pytest
 from rich.console import Console
@@ -93,9 +97,20 @@ def test_dot_escapes_and_tooltips(report):
     assert dot.count("tooltip=") == 1     # only cpu nodes carry a reason
 
 
-def test_dot_is_deterministic(report):
-    assert to_dot(report) == to_dot(report)
-    assert backend_colours("xnnpack") == backend_colours("xnnpack") and backend_colours("cpu")[1] == "#d9d9d9"
+def test_dot_and_colours_are_the_same_in_every_process(report, tmp_path):
+    """Python salts str hashes per process: two interpreters with other PYTHONHASHSEEDs must draw
+    the same DOT text and pick the same colours."""
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    code = ("import json, sys\nfrom graphopt_plugins.partition.placement import backend_colours, to_dot\n"
+            "print(json.dumps([to_dot(json.load(open(sys.argv[1]))), backend_colours('xnnpack'), "
+            "backend_colours('toy-dsp')]))")
+    outputs = [subprocess.run([sys.executable, "-c", code, str(tmp_path / "report.json")], check=True,
+                              capture_output=True, text=True, env=dict(os.environ, PYTHONHASHSEED=seed)).stdout
+               for seed in ("1", "2")]
+    assert outputs[0] == outputs[1]
+    dot, xnnpack, toy = json.loads(outputs[0])
+    assert dot == to_dot(report) and xnnpack == list(backend_colours("xnnpack")) and xnnpack != toy
+    assert backend_colours("cpu")[1] == "#d9d9d9"
 
 
 def test_layers_are_longest_paths_from_inputs(report):

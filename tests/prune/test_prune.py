@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from graphopt.capture import capture
 from graphopt.errors import PassError
@@ -150,10 +151,17 @@ def test_masked_layernorm_runs_its_statistics_over_kept_channels_only():
     masked.run_node = (lambda run_node: lambda n: values.setdefault(n.name, run_node(n)))(masked.run_node)
     masked.run(*graph.example_inputs)
     name = next(iter(a.norms))
+    node = next(n for n in gm.graph.nodes if n.name == name)
+    norm, x = gm.get_submodule(node.target), values[node.args[0].name]
     out = values[name]
     kept = out[..., 1:]
     assert torch.allclose(out[..., 0], torch.zeros_like(out[..., 0]))
-    assert torch.allclose(kept.mean(-1), torch.zeros_like(kept.mean(-1)), atol=0.3)
+    # the independent oracle: LayerNorm of the 31 kept channels with their weights
+    expected = F.layer_norm(x[..., 1:], (31,), norm.weight[1:], norm.bias[1:], norm.eps)
+    assert torch.allclose(kept, expected, atol=1e-5)
+    # what a plain LayerNorm over the zero-padded row gives (the bug this check exists for) is not it
+    padded = F.layer_norm(x, norm.normalized_shape, norm.weight, norm.bias, norm.eps)[..., 1:]
+    assert not torch.allclose(kept, padded, atol=1e-3)
 
 
 def test_attention_prunes_head_dims_and_rewrites_reshapes(registry):
@@ -221,7 +229,7 @@ def test_big_graph_analysis(registry):
     run = run_pipeline(graph, "prune(ratio=0.5)", registry)
     stats = run.records[-1].stats
     assert run.records[-1].verified and stats["groups"] > 50 and stats["pruned_groups"] >= stats["groups"] - 1
-    assert stats["analysis_seconds"] > 0
+    assert 0 < stats["analysis_seconds"] < run.records[-1].seconds       # the analysis is timed, within the pass
 
 
 @pytest.mark.parametrize("name", ["vit_tiny", "swin_tiny"])

@@ -83,14 +83,22 @@ def test_random_criterion_follows_its_seed(registry):
 def test_taylor_needs_a_loss_and_uses_its_gradients(registry):
     with pytest.raises(PassError, match="criterion=taylor needs a loss function"):
         run(registry, "prune(criterion=taylor)")
-    target = torch.zeros(2, 4)
-    model = ConvNet()
-
-    def loss(module):
-        return nn.functional.mse_loss(module(X), target)
-
-    _, gm, record = run(registry, "prune(ratio=0.5,criterion=taylor)", model, data={"loss": loss})
-    assert gm.conv1.out_channels == 4 and record.verified
+    kept = set()
+    for target in (torch.zeros(2, 4), torch.tensor([[3.0, -3, 0, 0]] * 2), torch.tensor([[0.0, 0, 4, -4]] * 2)):
+        def loss(module):
+            return nn.functional.mse_loss(module(X), target)
+        model = ConvNet()
+        _, gm, record = run(registry, "prune(ratio=0.5,criterion=taylor)", model, data={"loss": loss})
+        # the oracle, computed here on the eager model: |weight * gradient| of each conv1 channel's
+        # slices (its conv1 row and its conv2 column); the 4 best are kept
+        model.zero_grad()
+        loss(model).backward()
+        score = (model.conv1.weight * model.conv1.weight.grad).abs().sum((1, 2, 3)) + \
+            (model.conv2.weight * model.conv2.weight.grad).abs().sum((0, 2, 3))
+        expected = sorted(score.argsort(descending=True)[:4].tolist())
+        assert kept_rows(model.conv1.weight.detach(), gm.conv1.weight.detach()) == expected and record.verified
+        kept.add(tuple(expected))
+    assert len(kept) == 3                       # other losses, other gradients, other channels kept
 
 
 @pytest.mark.parametrize("aggregate", ["mean", "max", "sum"])

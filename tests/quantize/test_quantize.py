@@ -116,8 +116,15 @@ def test_observers_calibrate_different_ranges():
 @pytest.mark.parametrize("observer", OBSERVERS)
 def test_every_observer_quantizes_a_model(registry, observer):
     x = torch.randn(1, 3, 32, 32)
-    _, gm, record = quantize(registry, tiny_resnet(), x, pipeline=f"cleanup,fold-bn,fuse,quantize(observer={observer},prefer=size)")
-    assert record.stats["observer"] == observer and record.cosine > 0.99
+    pipeline = f"cleanup,fold-bn,fuse,quantize(observer={observer},prefer=size)"
+    if observer == "entropy":
+        # KL thresholds clip this random-weight net's activations so hard that its outputs
+        # shrink: cosine stays above 0.99, SQNR falls near 8 dB. Verification refuses that scale error.
+        with pytest.raises(PassError, match=r"beyond its int8 tolerance \(SQNR [0-9.]+ dB < 14 dB\)"):
+            quantize(registry, tiny_resnet(), x, pipeline=pipeline)
+        return
+    _, gm, record = quantize(registry, tiny_resnet(), x, pipeline=pipeline)
+    assert record.stats["observer"] == observer and record.cosine > 0.99 and record.stats["sqnr_calibration"] > 14
 
 
 def test_qparams_represent_zero_exactly():
@@ -229,7 +236,7 @@ def test_cli_calib_npz(tmp_path):
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1 and "(3, 16, 16)" in bad.stderr
 
 
-def test_prefer_speed_decides_from_onnxruntime_timings(registry):
+def test_prefer_speed_measures_every_layer_in_onnxruntime(registry):
     pytest.importorskip("onnxruntime")
     x = torch.randn(1, 3, 32, 32)
     graph = capture(tiny_resnet(), (x,))
@@ -237,11 +244,32 @@ def test_prefer_speed_decides_from_onnxruntime_timings(registry):
     stats = run.records[-1].stats
     timings, whole = stats["timings_ms"], stats["whole_graph_ms"]
     assert stats["prefer"] == "speed" and len(timings) == 16 and set(whole) == {"mixed", "all_int8", "fp32"}
-    slower = {name for name, (fp32, int8) in timings.items() if int8 > 0.9 * fp32}
-    if whole["fp32"] < min(whole["mixed"], whole["all_int8"]):
-        assert stats["int8_layers"] == 0 and len(stats["fp32_layers"]) == 16
-    elif whole["all_int8"] <= whole["mixed"]:
-        assert stats["fp32_layers"] == []
-    else:
-        assert set(stats["fp32_layers"]) == slower
+    assert all(fp32 > 0 and int8 > 0 for fp32, int8 in timings.values()) and min(whole.values()) > 0
     assert any(e.startswith("whole graph in onnxruntime:") for e in run.records[-1].explanations)
+
+
+@pytest.mark.parametrize("whole,kept", [
+    ((2.0, 3.0, 4.0), "slow"),      # the mix with the slow layers in fp32 is fastest: those stay fp32
+    ((3.0, 2.0, 4.0), "none"),      # every layer int8 beats the mix: none stays fp32
+    ((3.0, 3.5, 1.0), "all"),       # fp32 beats both: nothing is quantized
+])
+def test_prefer_speed_follows_the_timings_it_is_given(registry, monkeypatch, whole, kept):
+    """The decision, from timings made up here (1 ms fp32 per layer; 2 ms int8 for the two slow
+    layers, 0.5 ms for the others; whole graphs as given), not recomputed from the pass's own."""
+    speed = pytest.importorskip("graphopt_plugins.quantize.speed")
+    slow: list[str] = []
+
+    def measure(emitter, gm, layers, chosen, runs=40):
+        names = [layer.node.name for layer in layers]
+        slow[:] = names[1:3]
+        return {n: (1.0, 2.0 if n in slow else 0.5) for n in names}
+
+    monkeypatch.setattr(speed, "measure", measure)
+    monkeypatch.setattr(speed, "time_graphs", lambda emitter, graphs, inputs, runs=20: list(whole))
+    x = torch.randn(1, 3, 32, 32)
+    run = run_pipeline(capture(tiny_resnet(), (x,)), "cleanup,fold-bn,fuse,quantize", registry,
+                       data={"calibration": calibration(x.shape)})
+    stats = run.records[-1].stats
+    expected = {"slow": sorted(slow), "none": [], "all": sorted(stats["timings_ms"])}[kept]
+    assert len(slow) == 2 and sorted(stats["fp32_layers"]) == expected
+    assert stats["int8_layers"] == 16 - len(expected)

@@ -22,14 +22,17 @@ def golden_copy(tmp_path):
     return dst
 
 
-def test_project_goldens_check_in_graph_and_onnx(registry):
+def test_project_goldens_check_in_the_graph_and_every_format(registry):
     manifest = Manifest.load(ROOT / "golden")
     assert {"tiny_resnet", "tiny_mobilenet", "mlp"} <= set(manifest.entries)
+    formats = set()
     for entry in manifest.entries.values():
         rows = check(manifest, entry, registry)
-        assert [r.format for r in rows] == [GRAPH, "onnx"]
+        assert [r.format for r in rows] == [GRAPH, *(k for k in entry.tolerances if k != GRAPH)]
+        formats |= {r.format for r in rows}
         assert all(r.ok for r in rows), [(r.format, r.problems) for r in rows]
         assert all(r.metrics.cosine > 0.9999 for r in rows)
+    assert formats == {GRAPH, "onnx", "ptl", "tflite", "pte"}
 
 
 def test_record_is_byte_reproducible(golden_copy):
@@ -62,7 +65,7 @@ def test_check_catches_a_changed_reference(golden_copy, registry):
 def test_cli_golden_record_check_and_verify(capsys, golden_copy, tmp_path):
     assert main(["golden", "check", "mlp", "--dir", str(golden_copy), "--json"]) == 0
     result = json.loads(capsys.readouterr().out)
-    assert result["ok"] and [c["format"] for c in result["checks"]] == ["graph", "onnx"]
+    assert result["ok"] and [c["format"] for c in result["checks"]] == ["graph", "onnx", "ptl"]
     out = tmp_path / "out"
     assert main(["run", str(ROOT / "tests/zoo/cnn.py") + ":mlp", "--input-shape", "4x16", "--out", str(out),
                  "--quiet"]) == 0
