@@ -25,7 +25,7 @@ def _data_hint(registry: Registry):
 def _configured_pipeline(args, registry: Registry) -> str:
     """The pipeline text after every plugin's ``graphopt_configure_run`` (``--target``)."""
     pipeline = args.pipeline if args.pipeline is not None else registry.default_pipeline()
-    for impl in reversed(registry.hook.graphopt_configure_run.get_hookimpls()):   # registration order
+    for impl in registry.hook.graphopt_configure_run.get_hookimpls():   # registration order
         pipeline = impl.function(options=args, pipeline=pipeline, registry=registry) or pipeline
     return pipeline
 
@@ -42,12 +42,12 @@ def cmd_run(args, registry: Registry) -> int:
     from graphopt.driver import optimize, select_emitters
     from graphopt.emit import write_json_atomic
     from graphopt.passmanager import check_needs
-    from graphopt.pipeline import parse_pipeline, resolve
+    from graphopt.pipeline import resolve
 
     from .modelspec import check_out_dir, example_inputs, load_model, parse_shape
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
-    formats = select_emitters(registry, args.emit)
+    select_emitters(registry, args.emit)           # an unknown or uninstalled format fails before any work
     out = check_out_dir(Path(args.out))
     report_path = check_report_path(args.report)
     pipeline = _configured_pipeline(args, registry)
