@@ -77,9 +77,8 @@ class GoldenStore:
         same = len(given) == len(stored) and all(
             g.shape == s.shape and torch.equal(g, s) for g, s in zip(given, stored))
         if not same:
-            shapes = lambda ts: ", ".join("x".join(map(str, t.shape)) for t in ts)   # noqa: E731
-            pytest.fail(f"inputs given to golden.check({name!r}) differ from the recorded ones (given {shapes(given)}, "
-                        f"recorded {shapes(stored)}); if the change is intended, re-record: {self._update_hint()}",
+            pytest.fail(f"inputs given to golden.check({name!r}) differ from the recorded ones (given {_shapes(given)}, "
+                        f"recorded {_shapes(stored)}); if the change is intended, re-record: {self._update_hint()}",
                         pytrace=False)
 
     def _update_hint(self) -> str:
@@ -117,6 +116,10 @@ class GoldenStore:
         return assert_close(case.outputs, outputs_of(subject, stored), tolerance or self._tolerance(name, subject),
                             what=f"outputs of {name!r}", hint=f"if the change is intended, re-record: "
                                                               f"{self._update_hint()}")
+
+
+def _shapes(tensors: Sequence) -> str:
+    return ", ".join("x".join(map(str, t.shape)) for t in tensors)
 
 
 @pytest.fixture
