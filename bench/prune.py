@@ -98,7 +98,7 @@ def _straight(name: str, method: str, ratio: float | None, model: torch.nn.Modul
         expected = flatten_outputs(model(*inputs))
     stage.mkdir(parents=True)
     art = emit_one(graph, emitter, options, stage, registry)
-    check = check_artifact(emitter, art, inputs, expected, expected, emitter.tolerance_for(options))
+    check = check_artifact(emitter, art, [("example", inputs, expected, expected)], emitter.tolerance_for(options))
     stats = graph.stats()
     variant = Variant(name, method, ratio, model, expected, stats["macs"], stats["params"],
                       _verdict(check, against), None)

@@ -1,14 +1,12 @@
-"""graphopt: take a PyTorch model to phones and edge devices. Capture with torch.fx, rewrite
-with a pipeline of plugin passes (each verified), lower to ONNX, TorchScript-Lite, TFLite and
-ExecuTorch, and check every artifact in its own runtime."""
+"""graphopt: take a PyTorch model to phones and edge devices. Capture with torch.fx, rewrite with a pipeline of verified
+plugin passes, lower to ONNX, TorchScript-Lite, TFLite and ExecuTorch, and check every artifact in its own runtime."""
 from __future__ import annotations
 
 __version__ = "0.1.0"
 
 from .capture import capture
 from .emit import Artifact, Emitter
-from .errors import (CaptureError, EmitError, GraphoptError, PassError, PipelineError,
-                     PluginError, UsageError)
+from .errors import CaptureError, EmitError, GraphoptError, PassError, PipelineError, PluginError, UsageError
 from .graph import Graph
 from .hookspecs import hookimpl
 from .metrics import Metrics, Tolerance, compare
@@ -19,9 +17,8 @@ from .passmanager import PassRecord, PipelineRun, run_pipeline
 from .driver import RunResult, optimize
 
 __all__ = [
-    "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError",
-    "Metrics", "NamedPipeline", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult",
-    "Pipeline", "PipelineError", "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance",
-    "UsageError", "capture", "compare", "hookimpl", "load_plugins",
-    "optimize", "parse_pipeline", "run_pipeline",
+    "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError", "Metrics", "NamedPipeline",
+    "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult", "Pipeline", "PipelineError",
+    "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance", "UsageError", "capture", "compare", "hookimpl",
+    "load_plugins", "optimize", "parse_pipeline", "run_pipeline",
 ]

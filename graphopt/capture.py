@@ -14,8 +14,7 @@ from .errors import CaptureError, first_line
 from .graph import Graph, annotate, flatten_outputs
 from .metrics import compare
 
-_TORCH_DIR = os.path.dirname(torch.__file__)
-_OWN_DIR = os.path.dirname(__file__)
+_TORCH_DIR, _OWN_DIR = os.path.dirname(torch.__file__), os.path.dirname(__file__)
 
 
 class _Tracer(fx.Tracer):
@@ -28,16 +27,13 @@ class _Tracer(fx.Tracer):
         self.failed_in: str | None = None
 
     def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
-        if qualname in self._leaf_names or (self._leaf_types and isinstance(m, self._leaf_types)):
-            return True
-        return super().is_leaf_module(m, qualname)
+        return qualname in self._leaf_names or isinstance(m, self._leaf_types) or super().is_leaf_module(m, qualname)
 
     def call_module(self, m: nn.Module, forward: Any, args: tuple, kwargs: dict) -> Any:
         try:
             return super().call_module(m, forward, args, kwargs)
         except Exception:
-            if self.failed_in is None:
-                self.failed_in = self.path_of_module(m)
+            self.failed_in = self.failed_in or self.path_of_module(m)   # the innermost module that failed
             raise
 
 
@@ -49,16 +45,13 @@ def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
 
 
 def _trace_error(model: nn.Module, tracer: _Tracer, exc: Exception) -> CaptureError:
-    path = tracer.failed_in
-    where = f"module `{path}` ({type(model.get_submodule(path)).__name__})" if path else \
-        f"the top-level module ({type(model).__name__})"
-    frame = _user_frame(exc)
-    line = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`" \
-        if frame else ""
-    reason = first_line(exc)
-    hint = (f"mark it as a leaf module (leaf_modules=[{type(model.get_submodule(path)).__name__}] "
-            f"or '{path}')" if path else "mark the offending submodule as a leaf module")
-    return CaptureError(f"torch.fx cannot trace {where}{line}: {reason}; {hint}, "
+    path, frame = tracer.failed_in, _user_frame(exc)
+    kind = type(model.get_submodule(path)).__name__ if path else ""
+    where = f"module `{path}` ({kind})" if path else f"the top-level module ({type(model).__name__})"
+    line = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else ""
+    hint = f"mark it as a leaf module (leaf_modules=[{kind}] or '{path}')" if path else \
+        "mark the offending submodule as a leaf module"
+    return CaptureError(f"torch.fx cannot trace {where}{line}: {first_line(exc)}; {hint}, "
                         f"or fix the control-flow value with concrete_args")
 
 
@@ -72,11 +65,8 @@ def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tup
 def capture(model: nn.Module, example_inputs: torch.Tensor | Sequence[torch.Tensor], *,
             leaf_modules: Iterable[type | str] = (), concrete_args: dict | None = None,
             name: str | None = None) -> Graph:
-    """Capture ``model`` as a :class:`Graph`; the caller's model is never mutated.
-
-    ``leaf_modules`` are module types or qualified names kept as opaque ``call_module``
-    nodes; ``concrete_args`` fixes Python-valued arguments as in ``fx.symbolic_trace``.
-    """
+    """Capture ``model`` as a :class:`Graph`; the caller's model is never mutated. ``leaf_modules``: module types or
+    qualified names kept as opaque ``call_module`` nodes; ``concrete_args`` as in ``fx.symbolic_trace``."""
     if not isinstance(model, nn.Module):
         raise CaptureError(f"expected a torch.nn.Module, got {type(model).__name__}")
     inputs = as_input_tuple(example_inputs)

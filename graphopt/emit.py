@@ -44,14 +44,9 @@ class Artifact:
 
 @dataclass(frozen=True)
 class Emitter:
-    """A registered output format.
-
-    ``load(artifact, threads=None)`` returns the runner; ``threads`` fixes the runtime's
-    intra-op thread count (None: the runtime's default). ``prepare`` is pipeline text the
-    driver runs, verified like any pipeline, on a copy of the graph before this emitter
-    alone sees it (rewrites the format needs, e.g. ops its converter cannot take).
-    ``precision(path)`` reads the precision recorded in an artifact file (fp32, fp16, int8).
-    """
+    """A registered output format. ``load(artifact, threads=None)`` returns the runner (``threads``: intra-op threads,
+    None: the runtime's default). ``prepare`` is pipeline text the driver runs, verified, on a copy of the graph only
+    this emitter sees (rewrites the format needs). ``precision(path)``: an artifact's precision (fp32, fp16, int8)."""
 
     format: str                                   # "onnx", "tflite", "ptl", ...
     description: str
@@ -66,8 +61,7 @@ class Emitter:
     option = Pass.option                          # the Option named so, or None
 
     def tolerance_for(self, options: dict) -> Tolerance:
-        """The tolerance for an artifact emitted with ``options``: an emitter option named
-        ``precision`` (fp16, int8) judges it like a pass of that effect."""
+        """The emitter's tolerance, or for an fp16/int8 ``precision`` option that of a pass of that effect."""
         precision = options.get("precision", "fp32")
         return self.tolerance if precision == "fp32" else Effect(precision).tolerance
 
@@ -83,8 +77,7 @@ class Emitter:
             (len({o.name for o in self.options}) != len(self.options), " declares an option twice")] if bad]
 
     def artifact_for(self, path: Path) -> Artifact:
-        """An Artifact for an existing file of this format (for verify/bench), with its
-        recorded precision when the emitter can read it."""
+        """An Artifact for an existing file of this format (verify, bench), with its recorded precision if readable."""
         path = Path(path)
         return Artifact(self.format, path, {"precision": self.precision(path)} if self.precision else {})
 
@@ -117,8 +110,7 @@ def to_channels_first(t: torch.Tensor) -> torch.Tensor:
 
 @contextlib.contextmanager
 def staging_dir(out_dir: Path) -> Iterator[Path]:
-    """A scratch folder inside ``out_dir`` (same file system, so moves are atomic), removed
-    on exit whatever happens."""
+    """A scratch folder inside ``out_dir`` (same file system, so moves are atomic), removed on exit whatever happens."""
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".graphopt-", dir=out_dir))
     try:
@@ -139,17 +131,14 @@ def _flush() -> None:
 
 @contextlib.contextmanager
 def captured_output() -> Iterator[Captured]:
-    """Keep converters' prints, warnings and log lines (C++ ones and child processes' too)
-    off the console: file descriptors 1 and 2 and Python's streams write to a temporary file
-    while inside, whose text is ``Captured.text`` afterwards. Warnings are ignored."""
+    """Keep converters' prints, warnings and logs (C++ and child processes' too) off the console: fds 1 and 2 and
+    Python's streams go to a temporary file inside the block, its text ``Captured.text`` after; warnings are ignored."""
     _flush()
-    captured = Captured()
-    saved = [os.dup(1), os.dup(2)]
+    captured, saved = Captured(), [os.dup(1), os.dup(2)]
     with tempfile.TemporaryFile() as log, \
             open(log.fileno(), "w", buffering=1, errors="replace", closefd=False) as stream:
         try:
-            with warnings.catch_warnings(), contextlib.redirect_stdout(stream), \
-                    contextlib.redirect_stderr(stream):
+            with warnings.catch_warnings(), contextlib.redirect_stdout(stream), contextlib.redirect_stderr(stream):
                 warnings.simplefilter("ignore")
                 for fd in (1, 2):
                     os.dup2(log.fileno(), fd)

@@ -26,8 +26,7 @@ class PipelineError(GraphoptError):
 class PassError(GraphoptError):
     """A pass raised, or its result failed verification; the graph was rolled back."""
 
-    def __init__(self, message: str, *, pass_name: str = "", before: tuple[str, ...] = (),
-                 node: str | None = None):
+    def __init__(self, message: str, *, pass_name: str = "", before: tuple[str, ...] = (), node: str | None = None):
         super().__init__(message)
         self.pass_name, self.before, self.node = pass_name, before, node
 
@@ -37,8 +36,7 @@ class EmitError(GraphoptError):
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of the innermost cause of ``exc`` (exporters wrap the real error),
-    or its type name when it has no message: the part of an error worth one CLI line."""
+    """The first line of ``exc``'s innermost cause (exporters wrap the real error), or its type name if no message."""
     while exc.__cause__ is not None:
         exc = exc.__cause__
     text = str(exc).strip()

@@ -1,11 +1,9 @@
-"""The modules fuse-act builds: Conv1d/2d/3d or Linear, then an optional BatchNorm, then an
-activation applied in place to the layer's own fresh output; and AddReLU.
+"""The modules fuse-act builds: Conv1d/2d/3d or Linear, then an optional BatchNorm, then an activation applied in
+place to the layer's own fresh output; and AddReLU.
 
-A fused layer subclasses its layer (same parameters, same MACs in graphopt's count, found by
-passes that look for convolutions) but has its own forward, so passes that fold into the
-layer's weights (fold-bn, fold-affine) leave it alone. Traced, it is the layer's op followed
-by ``relu_`` / ``hardtanh_`` / ``hardswish_``; exported to ONNX, the layer and the activation.
-"""
+A fused layer subclasses its layer (same parameters, same MACs in graphopt's count, found by passes that look for
+convolutions) but has its own forward, so passes that fold into the layer's weights (fold-bn, fold-affine) leave it
+alone. Traced: the layer's op, then ``relu_``, ``hardtanh_`` or ``hardswish_``; in ONNX: the layer, the activation."""
 from __future__ import annotations
 
 import copy
@@ -16,8 +14,7 @@ import torch.nn.functional as F
 
 
 def _kinds(layer: str, module: nn.Module) -> tuple:
-    """What a fused layer computes: the layer's op kind, then its BatchNorm and activation
-    modules (which stand for their own kinds, see ``graphopt_kinds``)."""
+    """What a fused layer computes: its op kind, then its BatchNorm and activation modules (for their own kinds)."""
     return (layer, *(m for m in (module.bn, module.act) if not isinstance(m, nn.Identity)))
 
 

@@ -1,6 +1,5 @@
-"""fx facts and edits the built-in passes share: how a node reads in an explanation, which
-arithmetic it does, whether it has side effects, who else uses a module, a free attribute
-name, erasing what nothing reads any more."""
+"""fx facts and edits the built-in passes share: how a node reads in an explanation, which arithmetic it does,
+whether it has side effects, who else uses a module, a free attribute name, erasing what nothing reads any more."""
 from __future__ import annotations
 
 import operator
@@ -23,11 +22,9 @@ def describe(gm: fx.GraphModule, node: fx.Node) -> str:
 
 def arithmetic(node: fx.Node) -> str | None:
     """``+ - * /`` when ``node`` is that binary op (two arguments, no keywords), else None."""
-    if node.kwargs or len(node.args) != 2:
+    if node.kwargs or len(node.args) != 2 or node.op not in ("call_function", "call_method"):
         return None
-    if node.op == "call_function":
-        return _ARITHMETIC.get(node.target)
-    return _ARITHMETIC_METHODS.get(node.target) if node.op == "call_method" else None
+    return (_ARITHMETIC if node.op == "call_function" else _ARITHMETIC_METHODS).get(node.target)
 
 
 def has_effect(gm: fx.GraphModule, node: fx.Node) -> bool:
@@ -44,18 +41,15 @@ def writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
     name = node.target if isinstance(node.target, str) else getattr(node.target, "__name__", "")
     if name.endswith("_") and not name.endswith("__"):
         return True
-    if node.op != "call_function":
-        return False
-    args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True)
+    args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True) if node.op == "call_function" else None
     return args is not None and args.kwargs.get("inplace") is True
 
 
 def other_uses(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> list[str]:
     """Nodes other than ``node`` that call ``module`` or read one of its parameters."""
-    def owner(n: fx.Node) -> str:
-        return n.target if n.op == "call_module" else n.target.rpartition(".")[0]
-    return [n.name for n in gm.graph.nodes if n is not node and n.op in ("call_module", "get_attr")
-            and gm.get_submodule(owner(n)) is module]
+    owners = {n: n.target if n.op == "call_module" else n.target.rpartition(".")[0]   # the module called or read
+              for n in gm.graph.nodes if n is not node and n.op in ("call_module", "get_attr")}
+    return [n.name for n, owner in owners.items() if gm.get_submodule(owner) is module]
 
 
 def free_name(module: nn.Module, base: str) -> str:

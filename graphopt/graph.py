@@ -27,12 +27,19 @@ def flatten_outputs(out: Any) -> list[torch.Tensor]:
 
 @dataclass
 class Graph:
-    """A captured model: ``module`` is the fx.GraphModule every pass rewrites."""
+    """A captured model: ``module`` is the fx.GraphModule every pass rewrites. ``check_inputs``:
+    ``(label, inputs)`` pairs verification runs on besides the example (``driver.check_inputs``)."""
 
     module: fx.GraphModule
     example_inputs: tuple[torch.Tensor, ...]
     name: str = "model"
     meta: dict = field(default_factory=dict)
+    check_inputs: tuple[tuple[str, tuple[torch.Tensor, ...]], ...] = ()
+
+    @property
+    def input_sets(self) -> list[tuple[str, tuple[torch.Tensor, ...]]]:
+        """Everything verification runs on: the example first, then ``check_inputs``."""
+        return [("example", tuple(self.example_inputs)), *self.check_inputs]
 
     @property
     def precision(self) -> str:
@@ -56,10 +63,11 @@ class Graph:
 
     def replace(self, module: fx.GraphModule) -> "Graph":
         """The same graph identity with another module (the inputs and metadata are kept)."""
-        return Graph(module, self.example_inputs, self.name, dict(self.meta))
+        return Graph(module, self.example_inputs, self.name, dict(self.meta), self.check_inputs)
 
     def clone(self) -> "Graph":
-        return Graph(copy.deepcopy(self.module), self.example_inputs, self.name, copy.deepcopy(self.meta))
+        return Graph(copy.deepcopy(self.module), self.example_inputs, self.name, copy.deepcopy(self.meta),
+                     self.check_inputs)
 
     def stats(self) -> dict:
         """Nodes (ops that compute), parameters, MACs and bytes of weights and buffers."""

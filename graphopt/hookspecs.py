@@ -1,7 +1,6 @@
-"""Every hook the engine offers a plugin (functions named after these specs, marked
-``@graphopt.hookimpl``). Hooks only contribute; the pass manager alone decides what runs, in
-the order the pipeline text gives. Every plugin's result is collected unless a spec says the
-first one wins. A feature may add hookspecs of its own, as partition does for backends."""
+"""Every hook the engine offers a plugin (functions named after these specs, marked ``@graphopt.hookimpl``). Hooks only
+contribute; the pass manager alone decides what runs, in the pipeline text's order. Every plugin's result is collected
+unless a spec says the first one wins. A feature may add its own hookspecs, as partition does for backends."""
 from __future__ import annotations
 
 import pluggy

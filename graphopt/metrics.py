@@ -34,6 +34,7 @@ class Tolerance:
     accepts NaN or Inf in the outputs, so even ``Tolerance()`` checks finiteness."""
 
     max_rel: float | None = None
+    max_abs: float | None = None        # e.g. a few quantization steps of an int8 output
     min_cosine: float | None = None
     min_sqnr_db: float | None = None
     min_top1: float | None = None
@@ -43,6 +44,8 @@ class Tolerance:
         out = [] if m.finite else ["NaN or Inf in the outputs"]
         if self.max_rel is not None and not m.max_rel <= self.max_rel:
             out.append(f"max relative error {m.max_rel:.3g} > {self.max_rel:g}")
+        if self.max_abs is not None and not m.max_abs <= self.max_abs:
+            out.append(f"max abs error {m.max_abs:.3g} > {self.max_abs:.3g}")
         if self.min_cosine is not None and not m.cosine >= self.min_cosine:
             out.append(f"cosine {m.cosine:.6f} < {self.min_cosine:g}")
         if self.min_sqnr_db is not None and not m.sqnr_db >= self.min_sqnr_db:
@@ -91,7 +94,11 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -
         raise ValueError(f"{len(actual)} outputs, the reference has {len(reference)}")
     if not reference:
         raise ValueError("nothing to compare: no outputs")
-    parts = [_one(r, a) for r, a in zip(reference, actual)]
+    return worst([_one(r, a) for r, a in zip(reference, actual)])
+
+
+def worst(parts: Sequence[Metrics]) -> Metrics:
+    """The worst value of each metric over several comparisons (outputs, or inputs)."""
     top1s = [p.top1 for p in parts if p.top1 is not None]
     return Metrics(
         max_abs=max(p.max_abs for p in parts),

@@ -1,8 +1,5 @@
-"""What a pass is: a name, typed options, what it needs, its numerical effect and ``run``.
-
-A plugin returns :class:`Pass` objects from ``graphopt_register_passes``; the pass manager
-is the only thing that runs them.
-"""
+"""What a pass is: a name, typed options, what it needs, its numerical effect and ``run``. A plugin returns
+:class:`Pass` objects from ``graphopt_register_passes``; the pass manager is the only thing that runs them."""
 from __future__ import annotations
 
 import re

@@ -1,23 +1,23 @@
 """Runs a pipeline: each pass on a copy of the graph, verified before it is accepted.
 
-verify-each: after every pass, lint + recompile + run on the example inputs and compare with
-the graph before it under the pass's tolerance (structural passes: against their oracle;
-trained passes: only output count, shapes and finiteness). A failing pass leaves the graph
+verify-each: after every pass, lint + recompile + run on the example inputs and the graph's
+``check_inputs``, and compare with the graph before it under the pass's tolerance (structural
+passes: against their oracle; trained passes: only output count, shapes and finiteness). A failing pass leaves the graph
 as it was; the error names the pass, the passes before it and the first diverging node. The
 numerical effect of each pass that changed the graph decides ``Graph.precision``, once."""
 from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Sequence
 
 import torch
 import torch.fx as fx
 
 from .errors import GraphoptError, PassError
-from .graph import Graph, annotate
-from .metrics import Tolerance, compare
+from .graph import Graph, annotate, flatten_outputs
+from .metrics import Tolerance, compare, worst
 from .passes import Effect, Pass, PassContext, PassResult
 from .pipeline import Pipeline, parse_pipeline, resolve
 from .plugins import Registry
@@ -56,8 +56,9 @@ class PassRecord:
 class PipelineRun:
     graph: Graph
     pipeline: str
-    reference: list[torch.Tensor]
+    reference: list[torch.Tensor]                    # the captured graph's outputs on the example
     records: list[PassRecord]
+    references: dict[str, list[torch.Tensor]] = field(default_factory=dict)   # ... on each of graph.input_sets
 
 
 def _node_values(gm: fx.GraphModule, inputs: Sequence[torch.Tensor]) -> dict[str, Any]:
@@ -133,7 +134,9 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
     data = dict(data or {})
     check_needs(steps, data)
     current = graph.clone()
-    reference = previous = annotate(current.module, current.example_inputs)
+    sets = current.input_sets
+    reference = previous = [annotate(current.module, current.example_inputs),
+                            *(current.run(x) for _, x in current.check_inputs)]
     records: list[PassRecord] = []
     done: list[str] = []
     for (spec, options), item in zip(steps, pipe.items):
@@ -147,29 +150,34 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
             gm = result.graph_module
             gm.graph.lint()
             gm.recompile()
-            outputs = annotate(gm, current.example_inputs)
+            outputs = [annotate(gm, current.example_inputs)]
+            with torch.no_grad():
+                outputs += [flatten_outputs(gm(*x)) for _, x in current.check_inputs]
         except Exception as exc:   # a GraphoptError's message is already written for people
             detail = str(exc) if isinstance(exc, GraphoptError) else f"{type(exc).__name__}: {exc}"
             raise _fail(spec, done, f"failed: {detail}") from exc
         seconds, verified = time.perf_counter() - start, False
-        if verify:
-            try:
-                expected = spec.oracle(current.module, gm, ctx) if spec.oracle else previous
-                metrics = compare(expected, outputs)
+        for (label, inputs), before, after in zip(sets, previous, outputs) if verify else ():
+            try:   # the oracle sees the inputs it is judged on as ctx.example_inputs
+                on = replace(ctx, graph=replace(ctx.graph, example_inputs=inputs))
+                expected = spec.oracle(current.module, gm, on) if spec.oracle else before
+                metrics = compare(expected, after)
             except Exception as exc:
                 raise _fail(spec, done, f"could not be verified: {exc}") from exc
             tolerance = _tolerance(spec, current)
             problems = tolerance.violations(metrics)
             if problems:
                 node = None if spec.effect is Effect.STRUCTURAL else first_divergence(
-                    current.module, gm, current.example_inputs, tolerance)
-                raise _fail(spec, done, f"changed the outputs beyond its {spec.effect.value} "
+                    current.module, gm, inputs, tolerance)
+                on = "" if len(sets) == 1 else f" on the {label} input"
+                raise _fail(spec, done, f"changed the outputs{on} beyond its {spec.effect.value} "
                                         f"tolerance ({'; '.join(problems)})", node)
             verified = True
         current = current.replace(gm)
         if result.modified and spec.effect in (Effect.FP16, Effect.INT8) and current.precision != "int8":
             current.meta["precision"] = spec.effect.value    # decided once, here; emitters read it
-        previous, total, st = outputs, compare(reference, outputs), current.stats()
+        previous, st = outputs, current.stats()
+        total = worst([compare(r, o) for r, o in zip(reference, outputs)])
         record = PassRecord(str(item), seconds, bool(result.modified), st["nodes"], st["params"], st["macs"],
                             st["bytes"], total.max_abs, total.cosine, verified, dict(result.stats),
                             list(ctx.explanations), spec.effect.value, item.group)
@@ -179,4 +187,4 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
             on_pass(record)
         if on_ir and {"all", spec.name, item.group} & set(print_ir_after):
             on_ir(spec.name, gm.code)
-    return PipelineRun(current, str(pipe), reference, records)
+    return PipelineRun(current, str(pipe), reference[0], records, dict(zip([k for k, _ in sets], reference)))

@@ -1,6 +1,4 @@
-"""Textual pipelines: ``cleanup,fold-bn,prune(ratio=0.5)`` parses and prints round-trip.
-
-Grammar::
+"""Textual pipelines: ``cleanup,fold-bn,prune(ratio=0.5)`` parses and prints round-trip. Grammar::
 
     pipeline := item ("," item)*
     item     := NAME [ "(" [ option ("," option)* ] ")" ]
@@ -27,9 +25,7 @@ class PipelineItem:
     group: str = field(default="", compare=False)   # the named pipeline it was expanded from
 
     def __str__(self) -> str:
-        if not self.options:
-            return self.name
-        return f"{self.name}({','.join(f'{k}={_quote(v)}' for k, v in self.options)})"
+        return f"{self.name}({','.join(f'{k}={_quote(v)}' for k, v in self.options)})" if self.options else self.name
 
 
 @dataclass(frozen=True)
@@ -42,8 +38,7 @@ class Pipeline:
 
 @dataclass(frozen=True)
 class NamedPipeline:
-    """A composite registered by a plugin (``fuse``): pipeline text the parser expands in
-    place, so every member runs, and is verified, as a pass of its own."""
+    """A plugin's composite (``fuse``): pipeline text expanded in place, each member run and verified as a pass."""
 
     name: str
     description: str
@@ -64,8 +59,7 @@ def _quote(value: str) -> str:
 
 
 def _tokens(text: str) -> list[tuple[str, str]]:
-    out, pos = [], 0
-    text = text.rstrip()
+    out, pos, text = [], 0, text.rstrip()
     while pos < len(text):
         m = _TOKEN.match(text, pos)
         if not m or m.end() == pos:
@@ -104,8 +98,7 @@ def parse_pipeline(text: str) -> Pipeline:
                     expect("punct", ",")
                 key = expect("word")
                 expect("punct", "=")
-                quoted = i < len(toks) and toks[i][0] == "quoted"
-                value = expect("quoted" if quoted else "word")
+                value = expect("quoted" if i < len(toks) and toks[i][0] == "quoted" else "word")
                 if any(k == key for k, _ in options):
                     raise PipelineError(f"bad pipeline {text!r}: option {key!r} given twice to {name}")
                 options.append((key, value))
@@ -122,12 +115,10 @@ def _close(word: str, candidates: list[str]) -> str:
 
 
 def resolve(pipeline: Pipeline, passes: dict[str, Any], kind: str = "pass") -> list[tuple[Any, dict[str, Any]]]:
-    """Each item's definition (a Pass, or an Emitter with ``kind="format"``) and its typed
-    options, defaults filled in."""
+    """Each item's definition (a Pass, or an Emitter for ``kind="format"``) and typed options, defaults filled in."""
     out: list[tuple[Any, dict[str, Any]]] = []
     for item in pipeline.items:
-        spec = passes.get(item.name)
-        if spec is None:
+        if (spec := passes.get(item.name)) is None:
             raise PipelineError(f"unknown {kind} {item.name!r}; {_close(item.name, sorted(passes))}"
                                 f"available: {', '.join(sorted(passes)) or 'none'}")
         values = {o.name: o.default for o in spec.options}

@@ -1,8 +1,6 @@
-"""Plugin discovery and the registry of passes, named pipelines and emitters.
-
-Plugins come from the entry-point group ``graphopt`` (built-ins and third-party packages
-alike) and from ``--plugin PATH.py|module``; ``-p no:NAME`` blocks one by name.
-"""
+"""Plugin discovery and the registry of passes, named pipelines and emitters. Plugins come from the entry-point
+group ``graphopt`` (built-ins and third-party packages alike) and from ``--plugin PATH.py|module``; ``-p no:NAME``
+blocks one by name."""
 from __future__ import annotations
 
 import importlib
@@ -61,20 +59,17 @@ class Registry:
         return self._collected[hook]
 
     def expand(self, pipeline: Pipeline) -> Pipeline:
-        """``pipeline`` with every named pipeline replaced by its registered members (each
-        item keeps the name of the composite it came from in ``group``)."""
+        """``pipeline`` with named pipelines expanded to registered members (``group``: the composite each is from)."""
         items = []
         for item in pipeline.items:
-            named = self.pipelines.get(item.name)
-            if named is None:
+            if (named := self.pipelines.get(item.name)) is None:
                 items.append(item)
                 continue
             if item.options:
                 raise PipelineError(f"{item.name} is a named pipeline ({named.pipeline}); "
                                     f"give options to its members instead")
-            for member in self.expand(parse_pipeline(named.pipeline)).items:
-                if member.name in self.passes:
-                    items.append(replace(member, group=member.group or item.name))
+            members = self.expand(parse_pipeline(named.pipeline)).items
+            items += [replace(m, group=m.group or item.name) for m in members if m.name in self.passes]
         return Pipeline(tuple(items))
 
 
@@ -125,25 +120,21 @@ def _collect(reg: Registry, hook: str, kind: type, key: str) -> dict[str, Any]:
     return found
 
 
-def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
-                 entry_points: bool = True) -> Registry:
-    """Discover, import and validate plugins; returns the registry of passes, named
-    pipelines and emitters."""
+def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *, entry_points: bool = True) -> Registry:
+    """Discover, import and validate plugins; returns the registry of passes, named pipelines and emitters."""
     pm = pluggy.PluginManager(GROUP)
     pm.add_hookspecs(hookspecs)
     pm.hook.graphopt_addhooks.call_historic(kwargs={"pluginmanager": pm})
     blocked = list(blocked)
     for name in blocked:
         pm.set_blocked(name)
-    reg, seen_blocked = Registry(pm), set()
+    reg = Registry(pm)
+    eps = sorted(md.entry_points(group=GROUP) if entry_points else [], key=lambda e: e.name)
+    seen_blocked = {ep.name for ep in eps if ep.name in blocked}   # blocked entry points are never imported
     candidates: list[tuple[str | None, str, Any]] = [
         (ep.name, f"entry point {ep.value} ({f'{ep.dist.name} {ep.dist.version}' if ep.dist else 'unknown distribution'})", ep)
-        for ep in sorted(md.entry_points(group=GROUP) if entry_points else [], key=lambda e: e.name)]
-    candidates += [(None, spec, spec) for spec in extra]
+        for ep in eps if ep.name not in blocked] + [(None, spec, spec) for spec in extra]
     for name, source, what in candidates:
-        if name is not None and name in blocked:
-            seen_blocked.add(name)
-            continue
         if isinstance(what, md.EntryPoint):
             try:
                 module = what.load()
@@ -164,8 +155,7 @@ def load_plugins(extra: Iterable[str] = (), blocked: Iterable[str] = (), *,
         except ValueError as exc:
             raise PluginError(f"plugin {name} ({source}): {exc}") from exc
         reg.plugins.append(PluginInfo(name, source))
-    unknown = [b for b in blocked if b not in seen_blocked]
-    if unknown:
+    if unknown := [b for b in blocked if b not in seen_blocked]:
         raise PluginError(f"cannot block {', '.join(unknown)}: no such plugin "
                           f"(plugins: {', '.join(p.name for p in reg.plugins) or 'none'})")
     try:

@@ -1,18 +1,13 @@
 """How a quantized graph looks, for ``quantize`` and the emitters that lower it.
 
-- An activation is quantized by a ``torch.fake_quantize_per_tensor_affine(x, scale,
-  zero_point, qmin, qmax)`` node (Python scalars; ``node.meta["graphopt.qparams"]`` holds
-  the same as a dict). It rounds to the int8/uint8 grid and back, so the fx graph computes
-  what an int8 runtime does, and the ONNX exporter writes it as QuantizeLinear ->
-  DequantizeLinear.
-- A Conv/Linear weight is quantized per output channel, symmetric int8, by a parametrization
-  (:class:`WeightFakeQuant`) on ``module.weight``: the float weight stays trainable behind it
-  (QAT trains through the straight-through estimator of the fake-quant op).
-- The q/dq form torch.export-based converters (LiteRT, ExecuTorch) read, with graphopt's scales
-  (``to_qdq``): every fake quant => a quantized_decomposed int8 q/dq pair; every WeightFakeQuant
-  => per-channel q/dq of the float weight, or an int8 weight and its dequantize_per_channel, as
-  PT2E's convert leaves it.
-"""
+- An activation is quantized by a ``torch.fake_quantize_per_tensor_affine(x, scale, zero_point, qmin, qmax)``
+  node (Python scalars; ``node.meta["graphopt.qparams"]`` holds the same as a dict). It rounds to the int8/uint8
+  grid and back, so the fx graph computes what an int8 runtime does (ONNX export: QuantizeLinear -> DequantizeLinear).
+- A Conv/Linear weight is quantized per output channel, symmetric int8, by a parametrization (:class:`WeightFakeQuant`)
+  on ``module.weight``: the float weight stays trainable behind it (QAT trains through its straight-through estimator).
+- The q/dq form torch.export-based converters (LiteRT, ExecuTorch) read, with graphopt's scales (``to_qdq``): every
+  fake quant => a quantized_decomposed int8 q/dq pair; every WeightFakeQuant => per-channel q/dq of the float weight,
+  or an int8 weight and its dequantize_per_channel, as PT2E's convert leaves it."""
 from __future__ import annotations
 
 import copy
@@ -26,6 +21,7 @@ from torch.nn.utils import parametrize
 
 FAKE_QUANT = torch.fake_quantize_per_tensor_affine
 META = "graphopt.qparams"
+QD = torch.ops.quantized_decomposed
 
 
 @dataclass(frozen=True)
@@ -62,8 +58,7 @@ class WeightFakeQuant(nn.Module):
 
 
 def quantize_weight(module: nn.Module) -> torch.Tensor:
-    """Give ``module.weight`` per-output-channel int8 fake quantization (scale max|w|/127);
-    returns the scales."""
+    """Give ``module.weight`` per-output-channel int8 fake quantization (scale max|w|/127); returns the scales."""
     w = module.weight.detach()
     scale = w.abs().flatten(1).amax(1).clamp_min(1e-12) / 127
     parametrize.register_parametrization(module, "weight", WeightFakeQuant(scale, 0), unsafe=True)
@@ -73,8 +68,7 @@ def quantize_weight(module: nn.Module) -> torch.Tensor:
 def weight_quant(module: nn.Module) -> tuple[torch.Tensor, torch.Tensor, int] | None:
     """``(int8 weight, per-channel scale, axis)`` of a weight-quantized layer, else None."""
     chain = module.parametrizations.weight if parametrize.is_parametrized(module, "weight") else ()
-    fq = next((p for p in chain if isinstance(p, WeightFakeQuant)), None)
-    if fq is None:
+    if (fq := next((p for p in chain if isinstance(p, WeightFakeQuant)), None)) is None:
         return None
     w = module.parametrizations.weight.original.detach()
     shape = [-1] + [1] * (w.dim() - 1)
@@ -102,21 +96,32 @@ def activation_qparams(node: fx.Node) -> QParams:
     return QParams(float(scale), int(zero_point), "uint8" if qmin == 0 else "int8")
 
 
-QD = torch.ops.quantized_decomposed
+_SHAPE_ONLY = {"flatten", "reshape", "view", "permute", "transpose", "squeeze", "unsqueeze", "contiguous"}
+
+
+def output_step(gm: fx.GraphModule) -> float | None:
+    """The coarsest quantization step (scale) among ``gm``'s outputs when every output comes
+    from a fake quant (through shape-only ops), else None."""
+    steps = []
+    for v in torch.utils._pytree.tree_flatten(next(n for n in gm.graph.nodes if n.op == "output").args[0])[0]:
+        while isinstance(v, fx.Node) and v.op in ("call_method", "call_function") and \
+                getattr(v.target, "__name__", v.target) in _SHAPE_ONLY:
+            v = v.args[0]
+        if not (isinstance(v, fx.Node) and is_fake_quant(v)):
+            return None
+        steps.append(float(v.args[1]))
+    return max(steps, default=None)
 
 
 def int8_qparams(scale: float, zero_point: int, qmin: int, qmax: int) -> tuple[float, int]:
     """(scale, zero point) of a uint8 0..255 or int8 -128..127 fake quant, in int8 terms."""
-    if (qmin, qmax) == (0, 255):
-        return float(scale), int(zero_point) - 128
-    if (qmin, qmax) == (-128, 127):
-        return float(scale), int(zero_point)
-    raise ValueError(f"fake quant range {qmin}..{qmax} is neither uint8 0..255 nor int8 -128..127")
+    if (qmin, qmax) not in ((0, 255), (-128, 127)):
+        raise ValueError(f"fake quant range {qmin}..{qmax} is neither uint8 0..255 nor int8 -128..127")
+    return float(scale), int(zero_point) - (128 if qmin == 0 else 0)
 
 
 class QDQWeight(nn.Module):
-    """Stands in for a WeightFakeQuant parametrization: the same per-channel numbers, as the
-    quantize_per_channel/dequantize_per_channel pair a converter folds into int8 weights."""
+    """A WeightFakeQuant's numbers as the quantize/dequantize_per_channel pair a converter folds into int8 weights."""
 
     def __init__(self, fq: nn.Module):
         super().__init__()
@@ -140,29 +145,22 @@ class DQWeight(QDQWeight):
 
 
 def swap_weight_fake_quants(gm: nn.Module, int8_weights: bool = False) -> None:
-    """In place: each WeightFakeQuant => QDQWeight, or, for ``int8_weights``, the weight
-    stored as int8 behind a DQWeight."""
-    for module in gm.modules():
-        if parametrize.is_parametrized(module, "weight"):
-            chain = module.parametrizations.weight
-            if len(chain) != 1 or not hasattr(chain[0], "scale"):
-                raise ValueError(f"{type(module).__name__}.weight: expected one WeightFakeQuant parametrization")
-            if int8_weights:
-                chain.original = nn.Parameter(weight_quant(module)[0], requires_grad=False)
-                chain[0] = DQWeight(chain[0])
-            else:
-                chain[0] = QDQWeight(chain[0])
+    """In place: each WeightFakeQuant => QDQWeight, or with ``int8_weights`` an int8 weight behind a DQWeight."""
+    for module in [m for m in gm.modules() if parametrize.is_parametrized(m, "weight")]:
+        chain = module.parametrizations.weight
+        if len(chain) != 1 or not hasattr(chain[0], "scale"):
+            raise ValueError(f"{type(module).__name__}.weight: expected one WeightFakeQuant parametrization")
+        if int8_weights:
+            chain.original = nn.Parameter(weight_quant(module)[0], requires_grad=False)
+        chain[0] = (DQWeight if int8_weights else QDQWeight)(chain[0])
 
 
-def _replace_fake_quants(g: fx.Graph, dq_per_user: bool) -> int:
-    count = 0
-    for n in list(g.nodes):
-        if not is_fake_quant(n):
-            continue
-        x, scale, zp, qmin, qmax = n.args
-        args = (*int8_qparams(scale, zp, qmin, qmax), -128, 127, torch.int8)
+def _replace_fake_quants(gm: fx.GraphModule, dq_per_user: bool) -> int:
+    g, fake_quants = gm.graph, [n for n in gm.graph.nodes if is_fake_quant(n)]
+    for n in fake_quants:
+        args = (*int8_qparams(*n.args[1:]), -128, 127, torch.int8)   # n.args: x, scale, zero point, qmin, qmax
         with g.inserting_before(n):
-            q = g.call_function(QD.quantize_per_tensor.default, (x, *args))
+            q = g.call_function(QD.quantize_per_tensor.default, (n.args[0], *args))
         for user in list(n.users) if dq_per_user else [n]:
             with g.inserting_before(user):
                 dq = g.call_function(QD.dequantize_per_tensor.default, (q, *args))
@@ -171,21 +169,14 @@ def _replace_fake_quants(g: fx.Graph, dq_per_user: bool) -> int:
             else:
                 n.replace_all_uses_with(dq)
         g.erase_node(n)
-        count += 1
-    return count
+    gm.recompile()
+    return len(fake_quants)
 
 
-def to_qdq(gm: fx.GraphModule, int8_weights: bool = False,
-           dq_per_user: bool = False) -> tuple[fx.GraphModule, int]:
-    """A copy of ``gm`` with q/dq pairs for the fake quants in it and in every GraphModule inside
-    it (partitions), and weights per ``swap_weight_fake_quants``; and how many fake quants it
-    replaced. ``dq_per_user``: one dequantize for each user of a value, as PT2E's convert writes
-    it (ExecuTorch's partitioners group an op with its own dq nodes)."""
+def to_qdq(gm: fx.GraphModule, int8_weights: bool = False, dq_per_user: bool = False) -> tuple[fx.GraphModule, int]:
+    """A copy of ``gm`` with q/dq pairs for the fake quants in it and in every GraphModule inside it (partitions),
+    weights per ``swap_weight_fake_quants``; and how many fake quants it replaced. ``dq_per_user``: a dequantize
+    per user of a value, as PT2E's convert writes it (ExecuTorch's partitioners group an op with its own dq nodes)."""
     gm = copy.deepcopy(gm)
     swap_weight_fake_quants(gm, int8_weights)
-    count = 0
-    for module in gm.modules():
-        if isinstance(module, fx.GraphModule):
-            count += _replace_fake_quants(module.graph, dq_per_user)
-            module.recompile()
-    return gm, count
+    return gm, sum(_replace_fake_quants(m, dq_per_user) for m in gm.modules() if isinstance(m, fx.GraphModule))

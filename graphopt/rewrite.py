@@ -1,6 +1,5 @@
-"""How graphopt's rewrite passes (tflite-compat, the fuse family) rewrite: a Rewrite is
-pattern + check + replacement; replacements are written as torch code on fx Proxies
-(Builder), with constants as 0-d buffers."""
+"""How graphopt's rewrite passes (tflite-compat, the fuse family) rewrite: a Rewrite is pattern + check + replacement;
+replacements are written as torch code on fx Proxies (Builder), with constants as 0-d buffers."""
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -30,7 +29,6 @@ class Rewrite:
 
 def never_rejects(gm: fx.GraphModule, node: fx.Node) -> None:
     """The check of a rewrite that is valid wherever its pattern matches."""
-    return None
 
 
 def calls(node: fx.Node, functions: Iterable[Any] = (), methods: Iterable[str] = ()) -> bool:
@@ -57,8 +55,7 @@ class Builder:
     """Writes a replacement at the graph's insertion point: torch code on Proxies becomes nodes."""
 
     def __init__(self, gm: fx.GraphModule):
-        self.gm = gm
-        self._tracer = GraphAppendingTracer(gm.graph)
+        self.gm, self._tracer = gm, GraphAppendingTracer(gm.graph)
 
     def __call__(self, node: fx.Node) -> fx.Proxy:
         return fx.Proxy(node, self._tracer)
@@ -86,8 +83,7 @@ class Builder:
 
 
 def apply(gm: fx.GraphModule, ctx: PassContext, rewrites: Sequence[Rewrite]) -> dict[str, int]:
-    """Run each rewrite over the graph in turn (shapes re-annotated in between); counts per
-    rewrite, and of matches kept."""
+    """Run each rewrite in turn (shapes re-annotated in between); counts per rewrite, and of matches kept."""
     stats, changed = {**{r.name: 0 for r in rewrites}, "rejected": 0}, True
     for rewrite in rewrites:
         if changed:
@@ -95,22 +91,19 @@ def apply(gm: fx.GraphModule, ctx: PassContext, rewrites: Sequence[Rewrite]) -> 
             annotate(gm, ctx.example_inputs)
             changed = False
         for node in [n for n in gm.graph.nodes if rewrite.match(gm, n)]:
-            reason = rewrite.check(gm, node)
-            if reason:
+            if reason := rewrite.check(gm, node):
                 stats["rejected"] += 1
                 ctx.explain(f"{node.name}: kept, {reason}")
                 continue
-            name = node.name
             with gm.graph.inserting_before(node):
-                ctx.explain(f"{name}: {rewrite.replace(Builder(gm), node)}")
+                ctx.explain(f"{node.name}: {rewrite.replace(Builder(gm), node)}")
             stats[rewrite.name] += 1
             changed = True
     return stats
 
 
 def rewrite_pass(rewrites: Sequence[Rewrite]) -> Callable[[fx.GraphModule, PassContext], PassResult]:
-    """The ``run`` of a pass that applies ``rewrites``: modified when one applied; submodules
-    nothing calls any more are deleted."""
+    """The ``run`` of a pass applying ``rewrites``: modified when one applied; submodules left uncalled are deleted."""
     def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         stats = apply(gm, ctx, rewrites)
         gm.delete_all_unused_submodules()

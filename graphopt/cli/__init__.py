@@ -54,6 +54,9 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--leaf-module", action="append", default=[], metavar="QUALNAME",
                      help="keep this submodule opaque to fx (repeatable)")
     run.add_argument("--no-verify", action="store_true", help="skip verify-each between passes")
+    run.add_argument("--verify-inputs", type=_count, default=3, metavar="N",
+                     help="verify passes and artifacts on the example input and on N seeded random inputs and "
+                          "up to N calibration samples; the worst is reported (default: 3; 0: the example only)")
     run.add_argument("--print-ir-after", action="append", default=[], metavar="PASS|all",
                      help="print the graph code after this pass (repeatable)")
     run.add_argument("--explain", action="append", default=[], metavar="PASS",
@@ -103,6 +106,12 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
         registry.hook.graphopt_add_options(command="run", parser=run)
         registry.hook.graphopt_add_commands(subparsers=sub, parents=[common])
     return parser
+
+
+def _count(text: str) -> int:
+    if not text.isdigit():
+        raise argparse.ArgumentTypeError(f"takes a whole number >= 0, got {text!r}")
+    return int(text)
 
 
 def _timing(p: argparse.ArgumentParser) -> None:

@@ -71,8 +71,8 @@ def cmd_run(args, registry: Registry) -> int:
     with ui.progress("starting") as progress:
         result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
                           model_spec=args.model, name=args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
-                          leaf_modules=args.leaf_module, data=data, print_ir_after=args.print_ir_after,
-                          on_ir=show_ir, on_pass=pass_done, progress=progress)
+                          verify_inputs=args.verify_inputs, leaf_modules=args.leaf_module, data=data,
+                          print_ir_after=args.print_ir_after, on_ir=show_ir, on_pass=pass_done, progress=progress)
     report = result.report
     if result.ok:
         files = [f for names in registry.hook.graphopt_run_done(result=result, options=args, out_dir=out, ui=ui)

@@ -12,8 +12,8 @@ import torch.fx as fx
 
 from graphopt import EmitError
 from graphopt.quant import activation_qparams, is_fake_quant, weight_quant
+from graphopt.testing.quantization import QTensor, check_qtensors, graph_qtensors
 
-MAX_REL_DIFF = 1e-6   # file scales vs graph scales: both are float32, so they should be equal
 _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 _BUFFER = re.compile(r"\.parametrizations\.(\w+)\.\d+\.(\w+)$")
 
@@ -217,27 +217,23 @@ def lower(model: Any) -> dict:
     return {"int8_weights": weights, "int32_biases": biases}
 
 
-def _rel(a: np.ndarray, b: np.ndarray) -> float:
-    a, b = np.asarray(a, np.float64).ravel(), np.asarray(b, np.float64).ravel()
-    if a.shape != b.shape:
-        return np.inf
-    return float((np.abs(a - b) / np.maximum(np.abs(b), 1e-30)).max(initial=0.0))
-
-
 def check_scales(model: Any, gm: fx.GraphModule) -> dict:
-    """Compare every Q/DQ node's scale (and zero point) in ``model`` with ``gm``'s: weight DQs
-    with ``weight_quant`` of their module (int8 values too), bias DQs with the graph's input
-    scale * weight scale, the other quantizers in file order with the fake-quant nodes in graph
-    order (a DQ after a Q: that Q's). Raises EmitError on a mismatch; returns ``{"checked":
-    Q/DQ nodes compared, "max_rel_diff": worst relative scale difference}``."""
+    """Check every Q/DQ node's scale and zero point in ``model`` against ``gm``'s (the contract
+    of ``graphopt.quant.check_qtensors``): activation quantizers in file order against the
+    fake-quant nodes in graph order (a DQ after a Q: that Q's grid), weight DQs against
+    ``weight_quant`` of their modules in graph order (int8 values too), bias DQs against the
+    graph's input scale * weight scale. Raises EmitError naming the first tensor that differs;
+    returns ``{"activations": n, "weights": n, "biases": n}`` compared."""
     inits, _ = _graph_index(model.graph)
     modules = dict(gm.named_modules())
-    fake_quants = iter([activation_qparams(n) for n in gm.graph.nodes if is_fake_quant(n)])
-    input_scale = {n.target: activation_qparams(n.args[0]).scale for n in gm.graph.nodes
+    input_scale = {f"{prefix}{'.' if prefix else ''}{n.target}": activation_qparams(n.args[0]).scale
+                   for prefix, sub in gm.named_modules() if isinstance(sub, fx.GraphModule) for n in sub.graph.nodes
                    if n.op == "call_module" and n.args and isinstance(n.args[0], fx.Node)
-                   and is_fake_quant(n.args[0])}
-    quantized: dict[str, Any] = {}           # Q output -> the graph's qparams
-    worst, checked = 0.0, 0
+                   and is_fake_quant(n.args[0])}     # partitions' layers too
+    acts: list[QTensor] = []
+    weights: list[QTensor] = []
+    quantized: dict[str, QTensor] = {}       # Q output -> its grid
+    biases = 0
 
     def fail(what: str) -> None:
         raise EmitError(f"the int8 ONNX model does not hold the graph's quantization: {what}")
@@ -249,45 +245,39 @@ def check_scales(model: Any, gm: fx.GraphModule) -> dict:
     for node in model.graph.node:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear"):
             continue
-        checked += 1
         scale = _array(inits, node.input[1])
-        zero_point = _array(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1, np.int32)
+        zero_point = _array(inits, node.input[2]) if len(node.input) > 2 and node.input[2] else np.zeros(1, np.int8)
         if scale is None or zero_point is None:
             fail(f"{node.name} reads a scale or zero point that is not an initializer")
         source = node.input[0]
-        weights, bias = module(source, ".weight_quantized"), module(source, ".bias_quantized")
-        if weights:
-            quant = weight_quant(modules[weights])
+        zero_point = np.broadcast_to(zero_point.astype(np.int64) - (128 if zero_point.dtype == np.uint8 else 0),
+                                     scale.shape)
+        grid = QTensor(source, tuple(scale.astype(np.float64).ravel().tolist()), tuple(zero_point.ravel().tolist()))
+        weight, bias = module(source, ".weight_quantized"), module(source, ".bias_quantized")
+        if weight:
+            quant = weight_quant(modules[weight])
             if quant is None:
-                fail(f"{weights} has int8 weights in the file but not in the graph")
-            q, w_scale, axis = quant
+                fail(f"{weight} has int8 weights in the file but not in the graph")
+            q, _, axis = quant
             stored = _array(inits, source)
             if _attr(node, "axis", 1) != axis and stored.ndim == 2:   # folded into a Transpose
                 stored, axis = stored.T, 1 - axis
-            if _attr(node, "axis", 1) != axis or zero_point.any() or not np.array_equal(stored, q.numpy()):
-                fail(f"the int8 weights of {weights} differ from the graph's")
-            worst = max(worst, _rel(scale, w_scale.numpy()))
-            continue
-        if bias:
+            if _attr(node, "axis", 1) != axis or not np.array_equal(stored, q.numpy()):
+                fail(f"the int8 weights of {weight} differ from the graph's")
+            weights.append(QTensor(weight, grid.scale, grid.zero_point))
+        elif bias:
             quant = weight_quant(modules[bias])
             if quant is None or bias not in input_scale:
                 fail(f"{bias} has an int32 bias but no int8 input and weights in the graph")
             expected = np.float32(input_scale[bias]) * quant[1].numpy().astype(np.float32)
-            worst = max(worst, _rel(scale, np.broadcast_to(expected, scale.shape)))
-            continue
-        q = quantized.get(source) if node.op_type == "DequantizeLinear" else None
-        if q is None:
-            q = next(fake_quants, None)
-            if q is None:
-                fail(f"{node.name} has no fake-quant node in the graph")
-        if node.op_type == "QuantizeLinear":
-            quantized[node.output[0]] = q
-        if zero_point.size != 1 or int(zero_point) != q.zero_point or zero_point.dtype != np.dtype(q.dtype):
-            fail(f"{node.name} has zero point {zero_point} ({zero_point.dtype}), the graph "
-                 f"{q.zero_point} ({q.dtype})")
-        worst = max(worst, _rel(scale, np.array([q.scale])))
-    if next(fake_quants, None) is not None:
-        fail("the file has fewer activation quantizers than the graph has fake-quant nodes")
-    if worst > MAX_REL_DIFF:
-        fail(f"a scale differs from the graph's by {worst:.3g} (relative)")
-    return {"checked": checked, "max_rel_diff": worst}
+            check_qtensors("bias", [QTensor(bias, tuple(np.broadcast_to(expected, scale.shape).tolist()),
+                                            (0,) * scale.size)], [grid], fail=fail)
+            biases += 1
+        elif node.op_type == "QuantizeLinear" or source not in quantized:
+            quantized[node.output[0]] = grid
+            acts.append(grid)
+        elif (quantized[source].scale, quantized[source].zero_point) != (grid.scale, grid.zero_point):
+            fail(f"{node.name} dequantizes {source} on another grid than its QuantizeLinear")
+    graph_acts, graph_weights = graph_qtensors(gm)
+    return {"activations": check_qtensors("activation quantizer", graph_acts, acts, fail=fail),
+            "weights": check_qtensors("int8 weight", graph_weights, weights, fail=fail), "biases": biases}

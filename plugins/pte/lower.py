@@ -11,12 +11,14 @@ lowers to int8 kernels; outside them fake quants are computed in float.
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import tempfile
 from collections import Counter
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
 import torch
 import torch.fx as fx
 import torch.fx.traceback as fx_traceback
@@ -27,6 +29,7 @@ from graphopt import EmitError
 from graphopt.emit import captured_output
 from graphopt.errors import first_line
 from graphopt.quant import is_fake_quant, to_qdq
+from graphopt.testing.quantization import QTensor, check_grids, graph_qtensors
 
 BACKEND = "xnnpack"
 MARK = "graphopt.partition"
@@ -144,9 +147,17 @@ def _partitioner(names: list[str]):
     return GraphoptPartitioner()
 
 
-def _xnnpack_graph(processed: bytes) -> tuple[Counter, Counter]:
-    """The XNNPACK graph inside a delegate's bytes: its node types and its values' datatypes
-    (``xnn_datatype_qcint8``: per-channel int8 weights), read with the flatc executorch ships."""
+_WEIGHT = re.compile(r'"xnn_datatype_qcint8"[^{}]*"id_out": (\d+)\s*},\s*"quant_params_type": "PerChannelQuant",\s*'
+                     r'"quant_params": {[^{}]*"scale_buffer_idx": (\d+)')
+_GRID = re.compile(r'"xnn_datatype_qint8"[^{}]*"id_out": (\d+)\s*},\s*"quant_params_type": "PerTensorQuant",\s*'
+                   r'"quant_params": {\s*"scale": ([-+\d.e]+),\s*"zero_point": (-?\d+)')
+
+
+def _xnnpack_graph(processed: bytes, name: str = "") -> tuple[Counter, Counter, list[QTensor], list[tuple]]:
+    """The XNNPACK graph inside a delegate's bytes: its node types, its values' datatypes
+    (``xnn_datatype_qcint8``: per-channel int8 weights), the grids of its per-tensor int8 values
+    (flatc prints them to 6 decimals) and, per int8 weight, ``(value id, the key its scales are
+    stored under)``, read with the flatc executorch ships."""
     from importlib import resources
 
     from executorch.backends.xnnpack.serialization.xnnpack_graph_serialize import XNNHeader
@@ -159,8 +170,34 @@ def _xnnpack_graph(processed: bytes) -> tuple[Counter, Counter]:
         data.write_bytes(processed[header.flatbuffer_offset:header.flatbuffer_offset + header.flatbuffer_size])
         _flatc_decompile(tmp, str(schema_path), str(data), ["--raw-binary"])
         text = (Path(tmp) / "graph.json").read_text()   # flatc writes inf unquoted: not JSON
+    keys = re.findall(r'"named_key": "([^"]*)"', text[text.index('"constant_data"'):])
     return (Counter(re.findall(r'"xnode_union_type": "(\w+)"', text)),
-            Counter(re.findall(r'"datatype": "xnn_datatype_(\w+)"', text)))
+            Counter(re.findall(r'"datatype": "xnn_datatype_(\w+)"', text)),
+            [QTensor(f"{i} of delegate {name}", (float(s),), (int(z),)) for i, s, z in _GRID.findall(text)],
+            [(f"{i} of delegate {name}", keys[int(b)]) for i, b in _WEIGHT.findall(text)])
+
+
+def _check_quantization(gm: fx.GraphModule, names: list[str], grids: list[QTensor], weights: list[tuple],
+                        name: str) -> dict:
+    """The delegates' quantization against the graph's (``graphopt.testing.quantization``). Activations
+    as grids (XNNPACK numbers its values its own way): each is one of the graph's, and each fake quant
+    inside a partition is on one. Weights position by position: ExecuTorch stores a weight's
+    per-channel scales under ``scale_`` + the sha256 of their float32 bytes, so the key must be the
+    one the graph's scales give."""
+    graph_acts, graph_weights = graph_qtensors(gm)
+    acts = {t.name for part in names for t in graph_qtensors(gm.get_submodule(part))[0]}
+    expected = [w for w in graph_weights if w.name.split(".")[0] in names]   # named <partition>.<layer>
+
+    def fail(what: str) -> None:
+        raise EmitError(f"the XNNPACK delegates of {name} do not hold the graph's quantization: {what}")
+
+    for i, (w, (value, key)) in enumerate(zip(expected, weights)):
+        if key != "scale_" + hashlib.sha256(np.asarray(w.scale, np.float32).tobytes()).hexdigest():
+            fail(f"int8 weight {i + 1} (value {value}) has per-channel scales other than the graph's ({w.name})")
+    if len(expected) != len(weights):
+        fail(f"the delegates have {len(weights)} int8 weights, the graph's partitions {len(expected)}")
+    return {"activations": check_grids("int8 value", graph_acts, grids, atol=5e-7, fail=fail,
+                                       optional=lambda g: g.name not in acts), "weights": len(weights)}
 
 
 def _delegation(program, names: list[str], name: str) -> dict:
@@ -169,11 +206,13 @@ def _delegation(program, names: list[str], name: str) -> dict:
     from executorch.exir.lowered_backend_module import get_lowered_submodules
 
     gm = program.graph_module
-    nodes, values, delegated = Counter(), Counter(), []
-    for _, lowered, _ in get_lowered_submodules(gm):
+    nodes, values, delegated, grids, weights = Counter(), Counter(), [], [], []
+    for label, lowered, _ in get_lowered_submodules(gm):
         # call_function nodes only: a placeholder carries the mark of the partition that made its value
         delegated.append({_mark(n) for n in lowered.original_module.graph.nodes if n.op == "call_function"} - {None})
-        ops, dtypes = _xnnpack_graph(lowered.processed_bytes)
+        ops, dtypes, found, keys = _xnnpack_graph(lowered.processed_bytes, label)
+        grids += found
+        weights += keys
         nodes.update(ops)
         values.update(dtypes)
     cpu = [n for n in gm.graph.nodes
@@ -189,7 +228,8 @@ def _delegation(program, names: list[str], name: str) -> dict:
     if found != sorted(names):
         raise EmitError(f"graphopt's xnnpack partitions of {name} ({', '.join(names)}) did not become one XNNPACK "
                         f"delegate each (delegated: {', '.join(found) or 'none'})")
-    return {"partitions": len(names), "delegates": len(delegated), "xnnpack_ops": dict(sorted(nodes.items())),
+    return {"grids": grids, "weights": weights, "partitions": len(names), "delegates": len(delegated),
+            "xnnpack_ops": dict(sorted(nodes.items())),
             "xnnpack_values": dict(sorted(values.items())),
             "cpu_ops": dict(sorted(Counter(_op(n) for n in cpu).items()))}
 
@@ -199,7 +239,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
     precision (also recorded in the program as ``PRECISION``), how many fake quants became int8
     q/dq (``int8_qdq``) and how many run in float on the CPU."""
     names = partitions(gm)
-    gm = copy.deepcopy(gm)
+    graph, gm = gm, copy.deepcopy(gm)
     emulated = _cpu_in_float(gm, names)
     gm, converted = to_qdq(gm, int8_weights=True, dq_per_user=True)
     precision = "int8" if converted or emulated else "fp32"
@@ -220,6 +260,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
             raise EmitError(f"ExecuTorch could not delegate the xnnpack partitions of {name} to XNNPACK: "
                             f"{first_line(exc)}") from exc
         info = _delegation(edge.exported_program(), names, name)
+        info["scales"] = _check_quantization(graph, names, info.pop("grids"), info.pop("weights"), name)
         try:
             data = edge.to_executorch().buffer
         except Exception as exc:

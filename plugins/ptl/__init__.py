@@ -21,6 +21,7 @@ from graphopt.errors import first_line
 from graphopt.graph import flatten_outputs
 
 from . import int8 as ptl_int8
+from . import scales as ptl_scales
 
 OPTIONS = (
     Option("optimize_for_mobile", bool, True, "run torch's optimize_for_mobile (needs a torch "
@@ -228,6 +229,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     target = Path(out_dir) / f"{graph.name}.ptl"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, data)
+    if engine:
+        meta["scales"] = ptl_scales.scale_check(data, graph.module)
     meta.update(bytecode_version=_get_model_bytecode_version(io.BytesIO(data)),
                 ops=sorted(_export_operator_list(lite)), inputs=recorded["inputs"], outputs=_specs(outputs),
                 **fp16, **int8)

@@ -16,14 +16,13 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import fx
-from torch.nn.utils import parametrize
 
 import graphopt
 from graphopt import Artifact, EmitError
 from graphopt.emit import captured_output, to_channels_first, to_channels_last, write_atomic
 from graphopt.errors import first_line
-from graphopt.quant import is_fake_quant
 from graphopt.quant import to_qdq as qdq_form
+from graphopt.testing.quantization import QTensor, check_grids, check_qtensors, graph_qtensors
 
 from .runner import builtin_operators, record, with_metadata
 
@@ -119,31 +118,50 @@ def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io:
     return bytes(data), io
 
 
-def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
-    """How the int8 tensors' scales in the .tflite compare with the graph's: activations with
-    the fake quants' scales, weights with the per-channel WeightFakeQuant scales."""
+_SAME_GRID = {"MAX_POOL_2D", "RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "PAD", "PADV2", "GATHER",
+              "SLICE", "STRIDED_SLICE", "SPACE_TO_DEPTH", "DEPTH_TO_SPACE", "SPLIT", "SPLIT_V"}
+_WEIGHTED = {"CONV_2D", "DEPTHWISE_CONV_2D", "FULLY_CONNECTED", "TRANSPOSE_CONV", "CONV_3D"}   # weights: input 1
+
+
+def file_qtensors(data: bytes) -> tuple[list[QTensor], list[QTensor]]:
+    """The int8 grids of a .tflite in operator order: activations (each op's int8 outputs, but for
+    ops whose output keeps their input's grid), weights (the int8 weight input of each conv and
+    fully-connected op)."""
     from ai_edge_litert.interpreter import Interpreter
 
-    ours = sorted({float(n.args[1]) for n in gm.graph.nodes if is_fake_quant(n)})
-    weights = [m.parametrizations.weight[0].scale.double().numpy() for m in gm.modules()
-               if parametrize.is_parametrized(m, "weight")]
-    checked, worst, unmatched = 0, 0.0, 0
-    for t in Interpreter(model_content=data).get_tensor_details():
+    interpreter = Interpreter(model_content=data)
+    tensors = {t["index"]: t for t in interpreter.get_tensor_details()}
+    acts, weights = [], []
+
+    def grid(i: int, op: dict) -> QTensor | None:
+        t = tensors[i]
         q = t["quantization_parameters"]
         if t["dtype"].__name__ != "int8" or not len(q["scales"]):
-            continue
-        scales = q["scales"].astype("float64")
-        if len(scales) == 1:
-            best = min((abs(scales[0] - s) / s for s in ours), default=1.0)
-        else:
-            best = min((float(abs(scales - w).max() / w.max()) for w in weights if len(w) == len(scales)),
-                       default=1.0)
-        checked += 1
-        if best > 1e-6:
-            unmatched += 1
-        else:
-            worst = max(worst, float(best))
-    return {"checked": checked, "max_rel_diff": worst, "unmatched": unmatched}
+            return None
+        return QTensor(f"{t['name'].rsplit('/', 1)[-1]} ({op['op_name']} {op['index']})",
+                       tuple(q["scales"].astype("float64").tolist()), tuple(q["zero_points"].tolist()))
+
+    for op in interpreter._get_ops_details():
+        i = op["inputs"][1] if op["op_name"] in _WEIGHTED else -1
+        weights += [w] if i >= 0 and (w := grid(i, op)) is not None else []
+        if op["op_name"] not in _SAME_GRID:
+            acts += [g for i in op["outputs"] if (g := grid(i, op)) is not None]
+    return acts, weights
+
+
+def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
+    """The .tflite's int8 grids against the graph's (``graphopt.testing.quantization``): weights position
+    by position; activations as grids, since the converter reorders branches; each of the file's
+    grids must be the graph's, not each of the graph's in the file: the converter writes a conv
+    that feeds a concat straight onto the concat's grid. A mismatch is an EmitError naming the tensor."""
+    acts, weights = file_qtensors(data)
+    graph_acts, graph_weights = graph_qtensors(gm)
+
+    def fail(what: str) -> None:
+        raise EmitError(f"the int8 TFLite model does not hold the graph's quantization: {what}")
+
+    return {"activations": check_grids("int8 tensor", graph_acts, acts, optional=lambda grid: True, fail=fail),
+            "weights": check_qtensors("int8 weight", graph_weights, weights, fail=fail)}
 
 
 def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:

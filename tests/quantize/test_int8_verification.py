@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn as nn
 
 import graphopt
 from graphopt import Effect, Pass, PassResult
-from graphopt.driver import check_artifact, emit_one
+from graphopt.driver import INT8_STEPS, check_artifact, emit_one, int8_tolerance
 from graphopt.emit import staging_dir
+from graphopt.quant import output_step
+from zoo.cnn import SmallConvNet
 
 CORRUPTIONS = {
     "x2": lambda y: y * 2,
@@ -19,26 +20,20 @@ CORRUPTIONS = {
 }
 
 
-class Net(nn.Module):
-    def __init__(self):
-        super().__init__()
-        torch.manual_seed(0)
-        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
-                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
-        self.head = nn.Linear(16, 10)
-
-    def forward(self, x):
-        return self.head(self.body(x))
-
-
 def _calibration():
     gen = torch.Generator().manual_seed(1)
     return [torch.randn(1, 3, 16, 16, generator=gen) for _ in range(8)]
 
 
+def _nudge(y: torch.Tensor, by: float) -> torch.Tensor:
+    y = y.clone()
+    y.view(-1)[0] += by
+    return y
+
+
 @pytest.fixture(scope="module")
 def quantized(registry):
-    run = graphopt.optimize(Net(), (torch.randn(1, 3, 16, 16),), registry, pipeline="quantize(prefer=size)",
+    run = graphopt.optimize(SmallConvNet(), (torch.randn(1, 3, 16, 16),), registry, pipeline="quantize(prefer=size)",
                             data={"calibration": _calibration()})
     assert run.graph.precision == "int8"
     return run
@@ -65,7 +60,7 @@ def test_the_quantize_pass_refuses_a_corrupted_output(name, registry):
     registry.passes["bad-quantize"] = Pass("bad-quantize", "quantize, then a corrupted output", run, Effect.INT8,
                                            spec.options, needs=spec.needs)
     try:
-        graph = graphopt.capture(Net(), torch.randn(1, 3, 16, 16))
+        graph = graphopt.capture(SmallConvNet(), torch.randn(1, 3, 16, 16))
         if name is None:
             graphopt.run_pipeline(graph, "bad-quantize(prefer=size)", registry, data={"calibration": _calibration()})
             return
@@ -82,16 +77,23 @@ def test_every_format_refuses_a_corrupted_int8_artifact(fmt, quantized, registry
     with staging_dir(tmp_path) as stage:
         artifact = emit_one(graph, emitter, {o.name: o.default for o in emitter.options}, stage, registry)
         assert artifact.meta["precision"] == "int8"
-        expected = graph.run()
-        tolerance = emitter.tolerance_for({"precision": "int8"})
-        honest = check_artifact(emitter, artifact, graph.example_inputs, expected, quantized.pipeline.reference,
-                                tolerance)
-        assert honest.verified, honest.problems
+        cases = [(label, x, graph.run(x), quantized.pipeline.references[label]) for label, x in graph.input_sets]
+        assert len(cases) == 1 + 3 + 3      # the example, 3 shuffles of it, 3 of the 8 calibration samples
+        tolerance = int8_tolerance(emitter.tolerance_for({"precision": "int8"}), graph.module)
+        assert tolerance.max_abs == INT8_STEPS * output_step(graph.module)
+        honest = check_artifact(emitter, artifact, cases, tolerance)
+        assert honest.verified and honest.inputs == len(cases), honest.problems
         load = emitter.load
         for name, corrupt in CORRUPTIONS.items():
             bad = graphopt.Emitter(emitter.format, emitter.description, emitter.suffix, emitter.emit,
                                    lambda a, threads=None: (lambda x: [corrupt(y) for y in load(a)(x)]))
-            check = check_artifact(bad, artifact, graph.example_inputs, expected, quantized.pipeline.reference,
-                                   tolerance)
+            check = check_artifact(bad, artifact, cases, tolerance)
             assert not check.verified, (fmt, name, check.vs_graph)
             assert any(p.startswith(("SQNR", "cosine")) for p in check.problems), (name, check.problems)
+        # one logit off by 10 quantization steps: cosine and SQNR let it through, the step bound does not
+        step = output_step(graph.module)
+        nudged = graphopt.Emitter(emitter.format, emitter.description, emitter.suffix, emitter.emit,
+                                  lambda a, threads=None: (lambda x: [_nudge(y, 10 * step) for y in load(a)(x)]))
+        check = check_artifact(nudged, artifact, cases, tolerance)
+        assert check.vs_graph.cosine > 0.99 and check.vs_graph.sqnr_db > 14 and not check.verified
+        assert check.problems[0].startswith("max abs error") and "(on the example input)" in check.problems[0]

@@ -239,6 +239,21 @@ def mlp(in_features: int = 16, num_classes: int = 4, *, seed: int = 0) -> nn.Seq
         nn.Linear(32, num_classes)))
 
 
+class SmallConvNet(nn.Module):
+    """conv-ReLU, strided conv-ReLU, global pool, Linear: the smallest int8 classifier (3x16x16 in, 10 out)
+    with torch's default init, for the tests that corrupt int8 files and outputs."""
+
+    def __init__(self, *, seed: int = 0):
+        super().__init__()
+        torch.manual_seed(seed)
+        self.body = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 16, 3, stride=2),
+                                  nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(16, 10)
+
+    def forward(self, x):
+        return self.head(self.body(x))
+
+
 # ------------------------------------------------------------------------ untraceable
 
 class Gate(nn.Module):
