@@ -151,7 +151,7 @@ def _quantize_biases(graph: Any) -> int:
     from onnx import helper, numpy_helper
 
     inits, _ = _graph_index(graph)
-    dequantizers = []
+    dequantizers, taken = [], set(inits)
     for node, slot, x_dq, w_dq, out_axis in list(_biased_layers(graph)):
         bias = _array(inits, node.input[slot])
         x_scale, w_scale = _dq_scale(x_dq, inits), _dq_scale(w_dq, inits)
@@ -161,7 +161,13 @@ def _quantize_biases(graph: Any) -> int:
             continue   # not an int8 layer, or its weight scales do not run along the output channels
         scale = np.broadcast_to(x_scale.astype(np.float32) * w_scale.astype(np.float32), bias.shape).copy()
         q = np.clip(np.rint(bias.astype(np.float64) / np.maximum(scale, 1e-30)), -2**31, 2**31 - 1)
-        stem = node.input[slot]
+        # named after the layer (its weight's <module>.weight_quantized): layers may share one bias
+        # initializer (the exporter and onnxsim merge equal constants, e.g. zero biases), never one int32 bias
+        layer = w_dq.input[0][:-len(".weight_quantized")] if w_dq.input[0].endswith(".weight_quantized") else ""
+        stem = f"{layer}.bias" if layer else node.input[slot]
+        stem = next(f"{stem}{suffix}" for suffix in ("", *(f"_{i}" for i in range(1, len(taken) + 2)))
+                    if f"{stem}{suffix}_quantized" not in taken)
+        taken.add(f"{stem}_quantized")
         graph.initializer.extend([numpy_helper.from_array(q.astype(np.int32), f"{stem}_quantized"),
                                   numpy_helper.from_array(scale, f"{stem}_scale")])
         dequantizers.append(helper.make_node("DequantizeLinear", [f"{stem}_quantized", f"{stem}_scale"],

@@ -108,6 +108,20 @@ def _tensor_getitem(info: NodeInfo) -> str | None:
     return None if "graphopt.shape" in source.meta else "getitem of a tuple stays with the op that made it"
 
 
+def _xnnpack_getitem(info: NodeInfo) -> str | None:
+    """ExecuTorch lowers ``x[..., 0]`` to select_copy and ``x[::2]`` to a strided slice, neither of which
+    its XNNPACK delegate takes; plain slices, ``None`` and ``...`` it does."""
+    index = info.node.args[1] if len(info.node.args) > 1 else None
+    for item in index if isinstance(index, tuple) else (index,):
+        if isinstance(item, int):
+            return "indexing with an integer (select_copy in ExecuTorch, which XNNPACK does not take)"
+        if isinstance(item, slice) and item.step not in (None, 1):
+            return f"a slice with step {item.step}"
+        if not (item is None or item is Ellipsis or isinstance(item, slice)):
+            return "indexing with a tensor or list"
+    return _tensor_getitem(info)
+
+
 def _bilinear(info: NodeInfo) -> str | None:
     mode = _arg(info, 3, "mode", "nearest")
     return f"resize mode {mode} (bilinear only)" if mode != "bilinear" else None
@@ -145,7 +159,8 @@ XNNPACK = Backend(
          "avg_pool2d": all_of(_avg_pool, float_only), "adaptive_avg_pool2d": _global_pool,
          "mean": _spatial_mean, "cat": _cat, "softmax": _softmax,
          "upsample": all_of(_bilinear, float_only), "pad": float_only,
-         "getitem": _tensor_getitem, "quantize": None, **_VIEWS},
+         "getitem": _xnnpack_getitem, "quantize": None,
+         **{k: v for k, v in _VIEWS.items() if k != "unsqueeze"}},   # ExecuTorch's unsqueeze_copy: not taken
     dtypes=frozenset({"float32", "int8"}),
     checks=(static_shapes, max_rank(6)),
     cost=0.25,

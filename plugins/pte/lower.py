@@ -153,6 +153,26 @@ _GRID = re.compile(r'"xnn_datatype_qint8"[^{}]*"id_out": (\d+)\s*},\s*"quant_par
                    r'"quant_params": {\s*"scale": ([-+\d.e]+),\s*"zero_point": (-?\d+)')
 
 
+def _concat_on_its_grid(gm: fx.GraphModule, names: list[str]) -> int:
+    """In place, inside the partitions: a concat whose output only a fake quant reads takes each input
+    through a copy of that fake quant (a requantize in XNNPACK), since XNNPACK's int8 concatenate
+    takes inputs on its output's grid only. Exact: a fake quant is elementwise and idempotent, so
+    quantizing the inputs first gives the same numbers. Returns how many concats."""
+    count = 0
+    for sub in (gm.get_submodule(part) for part in names):
+        for n in list(sub.graph.nodes):
+            fq = next(iter(n.users)) if len(n.users) == 1 else None
+            if n.target not in (torch.cat, torch.concat) or fq is None or not is_fake_quant(fq) or not n.args:
+                continue
+            with sub.graph.inserting_before(n):
+                inputs = [x if is_fake_quant(x) and x.args[1:] == fq.args[1:] else
+                          sub.graph.call_function(fq.target, (x, *fq.args[1:])) for x in n.args[0]]
+            n.args = (inputs, *n.args[1:])   # dim stays where it was, in args or kwargs
+            count += 1
+        sub.recompile()
+    return count
+
+
 def _xnnpack_graph(processed: bytes, name: str = "") -> tuple[Counter, Counter, list[QTensor], list[tuple]]:
     """The XNNPACK graph inside a delegate's bytes: its node types, its values' datatypes
     (``xnn_datatype_qcint8``: per-channel int8 weights), the grids of its per-tensor int8 values
@@ -241,6 +261,7 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
     names = partitions(gm)
     graph, gm = gm, copy.deepcopy(gm)
     emulated = _cpu_in_float(gm, names)
+    concats = _concat_on_its_grid(gm, names)
     gm, converted = to_qdq(gm, int8_weights=True, dq_per_user=True)
     precision = "int8" if converted or emulated else "fp32"
     for part in names:
@@ -265,4 +286,5 @@ def lower(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], name: str)
             data = edge.to_executorch().buffer
         except Exception as exc:
             raise EmitError(f"ExecuTorch could not serialize {name}: {first_line(exc)}") from exc
-    return data, {**info, "precision": precision, "int8_qdq": converted, "fake_quants_on_cpu": emulated}
+    return data, {**info, "precision": precision, "int8_qdq": converted, "fake_quants_on_cpu": emulated,
+                  "concats_requantized": concats}

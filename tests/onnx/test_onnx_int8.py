@@ -151,6 +151,33 @@ def test_a_scale_that_differs_from_the_graph_is_an_error(emitted):
         onnx_qdq.check_scales(model, graph.module)    # 0.1 % off: a file scale must equal the graph's
 
 
+class ZeroBiases(nn.Module):
+    """Three int8 layers with equal (zero) biases, as torchvision initializes an SE block's convs:
+    the exporter and onnxsim merge equal constants, so the three layers read one bias initializer."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a, self.b, self.fc = nn.Conv2d(3, 8, 1), nn.Conv2d(8, 8, 1), nn.Linear(8, 8)
+        for m in (self.a, self.b, self.fc):
+            nn.init.zeros_(m.bias)
+
+    def forward(self, x):
+        return self.fc(self.b(self.a(x).relu()).relu().mean((2, 3)))
+
+
+def test_layers_sharing_one_bias_initializer_get_an_int32_bias_each(registry, tmp_path):
+    graph = _quantized(registry, ZeroBiases(), shape=(1, 3, 8, 8), pipeline="quantize(prefer=size)")
+    artifact = onnx_emitter.emit(graph, {}, tmp_path)
+    model = onnx.load(artifact.path)
+    biases = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer if i.name.endswith("bias_quantized")}
+    assert sorted(biases) == ["a.bias_quantized", "b.bias_quantized", "fc.bias_quantized"]
+    assert all(b.dtype == np.int32 and not b.any() for b in biases.values())
+    assert artifact.meta["scales"]["biases"] == 3
+    x = _inputs(1, 3, (1, 3, 8, 8))
+    assert compare(graph.run(x), onnx_emitter.load(artifact)(x)).cosine > 0.999
+
+
 def test_onnxruntime_runs_int8_kernels(emitted, tmp_path):
     _, artifact, _ = emitted
     ops = _optimized_ops(artifact.path, tmp_path)

@@ -194,6 +194,28 @@ def test_partitioned_graph_emits_and_verifies(registry, tmp_path):
     assert result.ok and [c.artifact.format for c in result.artifacts] == ["onnx", "ptl"]
 
 
+class Tokens(nn.Module):
+    """What a ViT/Swin head does with its tokens: a class token by integer index, a strided slice,
+    a plain slice, an unsqueeze. ExecuTorch lowers the first two and the unsqueeze to ops its XNNPACK
+    delegate does not take (select_copy, a strided slice_copy, unsqueeze_copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(32, 32)
+
+    def forward(self, x):                  # 1x3x32x32: three 32x32 token grids
+        y = self.fc(x)
+        return self.fc(y[:, 0]), self.fc(y[:, ::2]), self.fc(y[:, 1:3]), self.fc(y).unsqueeze(0)
+
+
+def test_xnnpack_takes_what_executorch_lowers_for_it(registry):
+    result, report = partitioned(registry, Tokens().eval(), "partition(backend=xnnpack,min_size=1)")
+    reasons = {r["name"]: r["reason"] for r in report["nodes"] if "getitem" in r["kinds"] or "unsqueeze" in r["kinds"]}
+    assert reasons == {
+        "getitem": "indexing with an integer (select_copy in ExecuTorch, which XNNPACK does not take)",
+        "getitem_1": "a slice with step 2", "getitem_2": None, "unsqueeze": "op unsqueeze not supported by xnnpack"}
+
+
 def test_unknown_backend_is_a_clear_error(registry):
     with pytest.raises(PassError, match="unknown backend 'npu'; registered backends: cpu, int8-npu, tflite-gpu, xnnpack"):
         optimize(Detour(), (X,), registry, pipeline="partition(backend=npu)")

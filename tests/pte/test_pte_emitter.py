@@ -16,7 +16,7 @@ from graphopt.driver import optimize
 from graphopt.metrics import compare
 import graphopt_plugins.pte as pte_emitter
 from graphopt_plugins.partition.extract import META, extract
-from zoo import ZOO
+from zoo import PRUNE_ZOO, TRANSFORMER_ZOO, ZOO
 from zoo.cnn import tiny_resnet
 
 pytest.importorskip("executorch")
@@ -129,6 +129,34 @@ def test_a_partition_feeding_another_directly(registry, tmp_path, pipeline):
     check = result.artifacts[0]
     assert check.verified and _partitions(check) == ["xnnpack_0", "xnnpack_1"]
     assert check.artifact.meta["delegates"] == 2
+
+
+@pytest.mark.parametrize("name", ["dense_concat", "inception", "channel_shuffle"])
+def test_int8_concats_load_and_run_in_xnnpack(name, registry, tmp_path):
+    """XNNPACK's int8 concatenate takes inputs on its output's grid only (else the program is written
+    and then fails to load): each input is requantized onto it, which changes no number."""
+    build, shape = PRUNE_ZOO[name]
+    result = optimize(build(), (_x(0, shape),), registry, pipeline="quantize(prefer=size),partition(backend=xnnpack)",
+                      formats="pte", out_dir=tmp_path, verify_inputs=1,
+                      data={"calibration": [_x(i, shape) for i in range(1, 4)]})
+    (check,) = result.artifacts
+    meta = check.artifact.meta
+    assert result.ok and meta["precision"] == "int8" and meta["concats_requantized"] >= 1
+    assert sum(n for op, n in meta["xnnpack_ops"].items() if op.startswith("XNNConcatenate")) == \
+        meta["concats_requantized"] and not any("cat" in op for op in meta["cpu_ops"])
+    assert check.vs_graph.cosine > 0.9999
+
+
+def test_int8_vit_partitions_only_what_executorch_delegates(registry, tmp_path):
+    """The class token (``x[:, 0]``) lowers to select_copy, which XNNPACK does not take: the partition
+    pass leaves it on the CPU instead of handing ExecuTorch a partition it then refuses."""
+    build, shape = TRANSFORMER_ZOO["vit_tiny"]
+    result = optimize(build(), (_x(0, shape),), registry, pipeline="quantize(prefer=size),partition(backend=xnnpack)",
+                      formats="pte", out_dir=tmp_path, verify_inputs=1,
+                      data={"calibration": [_x(i, shape) for i in range(1, 9)]})
+    (check,) = result.artifacts
+    assert result.ok and check.artifact.meta["precision"] == "int8" and check.vs_graph.cosine > 0.999
+    assert "aten.select_copy.int" in check.artifact.meta["cpu_ops"]
 
 
 def test_runner_takes_and_returns_torch_tensors(registry, tmp_path):
