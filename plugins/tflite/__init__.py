@@ -1,4 +1,5 @@
-"""TFLite emitter: Graph (fp16 upcast) -> .onnx (onnx emitter) -> onnx2tf -> builtin ops only -> .tflite; int8: int8.py; run: runner.py."""
+"""TFLite emitter: Graph (fp16 upcast) -> .onnx (onnx emitter) -> onnx2tf -> builtin ops only -> .tflite;
+int8, and fp32 where onnx2tf cannot: litert-torch (int8.py); run: runner.py."""
 from __future__ import annotations
 
 import copy
@@ -18,7 +19,7 @@ from graphopt.emit import captured_output, to_channels_last, write_atomic
 from graphopt.errors import first_line
 
 from .runner import operators  # noqa: F401  for bench/ and tests
-from .runner import builtin_operators, feed, load, precision, record, to_torch, with_metadata
+from .runner import builtin_operators, disagreement, feed, load, precision, record, to_torch, with_metadata
 
 OPTIONS = (
     Option("precision", str, "fp32", "fp32, or fp16 weights (half the file, errors ~1e-3)",
@@ -27,7 +28,10 @@ OPTIONS = (
            "(default: channels-last, NHWC, as TFLite kernels want)"),
     Option("int8_io", bool, False, "quantized graphs: int8 inputs and outputs (default: float, "
            "quantized inside)"),
+    Option("route", str, "auto", "auto: onnx2tf, else litert-torch where onnx2tf fails or its file disagrees "
+           "with the graph (fp32); or force one", choices=("auto", "onnx2tf", "litert-torch")),
 )
+TOLERANCE = Tolerance(max_rel=1e-4, min_cosine=0.9999)
 # onnx2tf downloads these sample images for 4-D 3-channel inputs unless the file is in its working directory.
 CALIBRATION = "calibration_image_sample_data_20x128x128x3_float32.npy"
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -196,13 +200,48 @@ def _onnx_emitter() -> Any:
 
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16, which an
-    fp16 graph always gets)."""
+    fp16 graph always gets). ``route=auto``: through onnx2tf; where onnx2tf fails, or its file
+    disagrees with the graph on the example, an fp32 graph goes through litert-torch instead
+    (``meta.route`` says which made the file and why)."""
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
-    if graph.precision == "int8":
-        from . import int8 as tflite_int8
-        return tflite_int8.emit(graph, opts, out_dir)
+    if opts["route"] == "litert-torch" and "fp16" in (graph.precision, opts["precision"]):
+        raise EmitError("the litert-torch route takes fp32 and int8 graphs; fp16 TFLite goes through onnx2tf")
+    if graph.precision == "int8" or opts["route"] == "litert-torch":
+        return _litert(graph, opts, out_dir, "asked for" if graph.precision != "int8" else "int8")
     if opts["int8_io"]:
         raise EmitError(f"int8_io needs a quantized graph; {graph.name} is not (run quantize first)")
+    fallback = opts["route"] == "auto" and graph.precision == "fp32" and opts["precision"] == "fp32"
+    try:
+        artifact = _onnx2tf(graph, opts, out_dir)
+    except Exception as exc:   # onnx2tf and TensorFlow raise their own errors, not only EmitError
+        if not fallback:
+            raise
+        lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        why = str(exc) if isinstance(exc, EmitError) else \
+            f"{type(exc).__name__}: {lines[-1] if lines[0].endswith(':') else lines[0]}"   # TF: "in user code:"
+        try:
+            return _litert(graph, opts, out_dir, why)
+        except EmitError as again:
+            raise EmitError(f"{why}; the litert-torch route failed too: {again}") from exc
+    why = disagreement(artifact, graph, TOLERANCE) if fallback else None
+    if why is None:
+        artifact.meta["route"] = "onnx2tf"
+        return artifact
+    artifact.path.unlink()
+    return _litert(graph, opts, out_dir, f"its file {why}")
+
+
+def _litert(graph: graphopt.Graph, opts: dict, out_dir: Path, why: str) -> Artifact:
+    """The litert-torch route (``int8.emit``), ``meta.route`` saying why it was taken."""
+    from . import int8 as litert_route
+
+    artifact = litert_route.emit(graph, opts, out_dir)
+    artifact.meta["route"] = "litert-torch" + ("" if why in ("int8", "asked for") else f" (onnx2tf: {why})")
+    return artifact
+
+
+def _onnx2tf(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
+    """The onnx2tf route: the ONNX emitter's unsimplified file -> onnx2tf -> Keras -> TFLite."""
     upcast = _fp32_copy(graph)
     if upcast is not None:
         graph, opts["precision"] = upcast, "fp16"
@@ -252,4 +291,4 @@ def graphopt_register_emitters() -> list[Emitter]:
         description="TFLite via ONNX and onnx2tf, builtin ops only, NHWC inputs; run by LiteRT (CPU)",
         suffix=".tflite", emit=emit, load=load, options=OPTIONS, precision=precision,
         modules=("onnx", "onnxruntime", "onnxsim", "onnx2tf", "tensorflow", "ai_edge_litert"),
-        tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999), prepare="tflite-compat")]
+        tolerance=TOLERANCE, prepare="tflite-compat")]

@@ -165,21 +165,24 @@ def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
 
 
 def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
-    """A quantized graph => ``<name>_int8.tflite`` through litert-torch (``convert``): int8
-    kernels holding the graph's own scales; ``opts`` are the tflite emitter's."""
+    """``graph`` => a .tflite through litert-torch (``convert``): a quantized graph => ``<name>_int8.tflite``
+    with int8 kernels holding the graph's own scales; an fp32 one => ``<name>.tflite`` (the route the
+    emitter takes where onnx2tf cannot). ``opts`` are the tflite emitter's."""
     from ai_edge_litert.interpreter import Interpreter
 
+    int8 = graph.precision == "int8"
     try:
         with captured_output():
             import litert_torch
     except ImportError as exc:
-        raise EmitError(f"int8 TFLite needs litert-torch: {first_line(exc)}; pip install "
-                        f"'graphopt[tflite]'") from exc
+        raise EmitError(f"{'int8 TFLite' if int8 else 'the litert-torch route'} needs litert-torch: "
+                        f"{first_line(exc)}; pip install 'graphopt[tflite]'") from exc
     try:
         data, io = convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"])
     except Exception as exc:
-        raise EmitError(f"litert-torch could not convert the quantized {graph.name}: {first_line(exc)}") from exc
-    ops = builtin_operators(data, f"the int8 TFLite model of {graph.name}")
+        raise EmitError(f"litert-torch could not convert {'the quantized ' if int8 else ''}{graph.name}: "
+                        f"{first_line(exc)}") from exc
+    ops = builtin_operators(data, f"the {'int8 ' if int8 else ''}TFLite model of {graph.name}")
     signature = Interpreter(model_content=data).get_signature_runner()
     specs = {}
     for kind, details in (("inputs", signature.get_input_details()), ("outputs", signature.get_output_details())):
@@ -196,10 +199,11 @@ def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
                                 "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
                                 if dtype == "int8" else None})
     info = record(graph, **specs)
-    target = Path(out_dir) / f"{graph.name}_int8{'_io' if opts['int8_io'] else ''}.tflite"
+    suffix = f"_int8{'_io' if opts['int8_io'] else ''}" if int8 else ""
+    target = Path(out_dir) / f"{graph.name}{suffix}.tflite"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, with_metadata(data, info))
-    return Artifact("tflite", target, {
-        "precision": "int8", "converter": f"litert-torch {litert_torch.__version__} (STATIC, strict QDQ)",
-        "op_types": dict(sorted(ops.items())), "int8_io": opts["int8_io"], **specs,
-        "scales": scale_check(data, graph.module)})
+    meta = {"precision": graph.precision, "op_types": dict(sorted(ops.items())), **specs,
+            "converter": f"litert-torch {litert_torch.__version__}{' (STATIC, strict QDQ)' if int8 else ''}"}
+    return Artifact("tflite", target, meta | ({"int8_io": opts["int8_io"], "scales": scale_check(data, graph.module)}
+                                              if int8 else {}))

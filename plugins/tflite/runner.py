@@ -13,6 +13,7 @@ import graphopt
 from graphopt import Artifact, EmitError
 from graphopt.emit import as_inputs, captured_output, provenance, to_channels_first, to_channels_last
 from graphopt.errors import first_line
+from graphopt.metrics import compare
 
 METADATA = "graphopt"   # the .tflite metadata entry: graphopt version, pipeline, input/output layouts
 
@@ -144,3 +145,12 @@ def load(artifact: Artifact, threads: int | None = None) -> graphopt.emit.Runner
         return [to_torch(outputs[o["name"]], o["layout"], o.get("quantization")) for o in info["outputs"]]
 
     return run
+
+
+def disagreement(artifact: Artifact, graph: graphopt.Graph, tolerance: graphopt.Tolerance) -> str | None:
+    """How the file's outputs on the example miss the graph's under ``tolerance``, or None."""
+    try:
+        problems = tolerance.violations(compare(graph.run(), load(artifact)(list(graph.example_inputs))))
+    except Exception as exc:   # it fails to run: the driver's verification reports that too
+        return f"fails to run ({first_line(exc)})"
+    return f"disagrees with the graph on the example ({problems[0]})" if problems else None

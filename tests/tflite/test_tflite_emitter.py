@@ -1,6 +1,7 @@
 """The TFLite emitter: layouts, precisions, names, refusals, offline conversion, quiet logs."""
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 import subprocess
@@ -97,7 +98,8 @@ def test_registers_the_tflite_emitter_with_its_options():
     registry = graphopt.load_plugins(["graphopt_plugins.tflite"], entry_points=False)
     emitter = registry.emitters["tflite"]
     assert emitter.suffix == ".tflite" and emitter.prepare == "tflite-compat" and emitter.missing() == []
-    assert {o.name: o.default for o in emitter.options} == {"precision": "fp32", "keep_nchw": False, "int8_io": False}
+    assert {o.name: o.default for o in emitter.options} == {"precision": "fp32", "keep_nchw": False, "int8_io": False,
+                                                            "route": "auto"}
     assert emitter.option("precision").choices == ("fp32", "fp16")
     assert emitter.tolerance_for({"precision": "fp32"}) == graphopt.Tolerance(max_rel=1e-4, min_cosine=0.9999)
     assert emitter.tolerance_for({"precision": "fp16"}) == graphopt.Effect.FP16.tolerance
@@ -179,18 +181,67 @@ def test_an_op_onnx2tf_cannot_convert_is_named_in_one_line(model, shape, node, o
     (tmp_path / "tmp").mkdir()
     graph = _capture(model(), shape, name="bad")
     with pytest.raises(graphopt.EmitError) as info:
-        tflite_emitter.emit(graph, {}, tmp_path / "out")
+        tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path / "out")
     message = str(info.value)
     assert "\n" not in message and message.startswith(f"onnx2tf cannot convert ONNX node {node} ({op}) of bad: ")
     assert why in message
     assert not (tmp_path / "out").exists() and list((tmp_path / "tmp").iterdir()) == []
     assert capfd.readouterr() == ("", "")
+    # route=auto (the default) takes litert-torch instead, and says why
+    artifact = tflite_emitter.emit(graph, {}, tmp_path / "auto")
+    assert artifact.meta["route"].startswith(f"litert-torch (onnx2tf: onnx2tf cannot convert ONNX node {node} ({op})")
+    assert [p.name for p in (tmp_path / "auto").iterdir()] == ["bad.tflite"]
+    _assert_close(graph, artifact, list(graph.example_inputs))
+
+
+class Grouped(nn.Module):
+    """A grouped (not depthwise) convolution, as ResNeXt and RegNet have: onnx2tf's model has no signature."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(8, 8, 3, padding=1, groups=4)
+
+    def forward(self, x):
+        return self.conv(x)
+
+
+def test_where_onnx2tf_fails_litert_torch_makes_the_file(tmp_path):
+    graph = _capture(Grouped(), (1, 8, 8, 8), name="family")
+    artifact = tflite_emitter.emit(graph, {}, tmp_path)
+    assert artifact.meta["route"].startswith("litert-torch (onnx2tf: ValueError: SignatureDef signature_key is None")
+    assert artifact.meta["precision"] == "fp32" and [p.name for p in tmp_path.iterdir()] == ["family.tflite"]
+    _assert_close(graph, artifact, [torch.randn(1, 8, 8, 8)])
+    with pytest.raises(graphopt.EmitError, match="the litert-torch route takes fp32 and int8 graphs"):
+        tflite_emitter.emit(graph, {"route": "litert-torch", "precision": "fp16"}, tmp_path)
+    with pytest.raises(ValueError, match="SignatureDef"):     # onnx2tf alone: its error, as the driver wraps it
+        tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path / "onnx2tf")
+
+
+def test_where_onnx2tf_gets_the_numbers_wrong_litert_torch_makes_the_file(tmp_path, monkeypatch):
+    """onnx2tf made to convert a perturbed copy of the graph: its file runs, with other numbers."""
+    torch.manual_seed(0)
+    graph = _capture(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU()), (1, 3, 8, 8), name="plain")
+    wrong = copy.deepcopy(graph)
+    with torch.no_grad():
+        wrong.module.get_submodule("0").weight.mul_(1.01)
+    onnx2tf_route = tflite_emitter._onnx2tf
+    monkeypatch.setattr(tflite_emitter, "_onnx2tf", lambda g, opts, out: onnx2tf_route(wrong, opts, out))
+    artifact = tflite_emitter.emit(graph, {}, tmp_path)
+    assert artifact.meta["route"].startswith("litert-torch (onnx2tf: its file disagrees with the graph on the example")
+    assert [p.name for p in tmp_path.iterdir()] == ["plain.tflite"]    # onnx2tf's file is gone
+    _assert_close(graph, artifact)
+    assert tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path / "kept").meta["route"] == "onnx2tf"
 
 
 def test_an_op_without_a_tflite_builtin_is_refused(tmp_path):
+    graph = _capture(Erf(), (1, 3, 4, 4), name="erf")
     with pytest.raises(graphopt.EmitError, match=r"^erf needs TensorFlow ops that are not TFLite builtins \(Erf\)"):
-        tflite_emitter.emit(_capture(Erf(), (1, 3, 4, 4), name="erf"), {}, tmp_path)
+        tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path)
     assert list(tmp_path.iterdir()) == []
+    artifact = tflite_emitter.emit(graph, {}, tmp_path)     # route=auto: litert-torch writes builtins only
+    assert artifact.meta["route"].startswith("litert-torch (onnx2tf: erf needs TensorFlow ops")
+    assert not any(op.startswith("Flex") for op in artifact.meta["op_types"])
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +266,7 @@ def test_operators_tell_builtin_from_flex_ops(fp32, flex):
 def test_a_converted_model_with_flex_ops_is_refused(resnet, flex, tmp_path, monkeypatch):
     monkeypatch.setattr(tflite_emitter, "_to_tflite", lambda *args: flex)
     with pytest.raises(graphopt.EmitError, match=r"uses ops outside the TFLite builtins \(FlexErf\)"):
-        tflite_emitter.emit(resnet, {}, tmp_path)
+        tflite_emitter.emit(resnet, {"route": "onnx2tf"}, tmp_path)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -248,7 +299,9 @@ def test_the_onnx_plugin_is_needed_only_at_emit_time(resnet, tmp_path, monkeypat
     registry = graphopt.load_plugins(["graphopt_plugins.tflite"], entry_points=False)
     assert "tflite" in registry.emitters
     with pytest.raises(graphopt.EmitError, match="the onnx emitter plugin is missing"):
-        tflite_emitter.emit(resnet, {}, tmp_path)
+        tflite_emitter.emit(resnet, {"route": "onnx2tf"}, tmp_path)
+    route = tflite_emitter.emit(resnet, {}, tmp_path).meta["route"]     # route=auto: litert-torch instead
+    assert route.startswith("litert-torch (onnx2tf: the tflite emitter converts through ONNX but the onnx emitter")
 
 
 def _offline() -> list[str] | None:
@@ -277,7 +330,7 @@ def test_converts_with_the_network_unreachable(tmp_path):
         print("max_rel", graphopt.compare(graph.run(), runner(graph.example_inputs)).max_rel)
         tflite_emitter.CALIBRATION = "elsewhere.npy"   # now onnx2tf looks for its sample online
         try:
-            tflite_emitter.emit(graph, {}, Path(sys.argv[1]) / "again")
+            tflite_emitter.emit(graph, {"route": "onnx2tf"}, Path(sys.argv[1]) / "again")
         except graphopt.EmitError as exc:
             print("without the sample:", exc)
     """)
