@@ -80,7 +80,7 @@ def _fold_weight_quantizers(graph: Any) -> int:
     keep, folded = [], 0
     for node in graph.node:
         w = _array(inits, node.input[0]) if node.op_type == "QuantizeLinear" and len(node.input) == 3 else None
-        if w is None or w.dtype != np.float32:
+        if w is None or w.dtype != np.float32 or w.ndim == 0:    # a 0-d constant is no per-channel weight
             keep.append(node)
             continue
         scale, zero_point = _array(inits, node.input[1]), _array(inits, node.input[2])

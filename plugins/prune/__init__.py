@@ -57,18 +57,9 @@ def split_attention(gm: fx.GraphModule, ctx: PassContext) -> list[str]:
     """nn.MultiheadAttention => its q/k/v/out Linear layers and matmuls, whose channels the
     rules can follow (head dims are then pruned, the head count kept). Returns the modules
     split."""
-    from graphopt.rewrite import apply as rewrite
-    from graphopt_plugins.tflite_compat.attention import REWRITES
+    from graphopt_plugins.tflite_compat.attention import split_multihead_attention
 
-    names = [n.target for n in gm.graph.nodes
-             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
-    if not names:
-        return []
-    rewrite(gm, ctx, REWRITES[:1])
-    gm.delete_all_unused_submodules()
-    gm.recompile()
-    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
-    return [t for t in names if t not in called]
+    return split_multihead_attention(gm, ctx)
 
 
 def _measure(a: Analysis, choices: dict[int, Choice], groups: list[Group], inputs, what: str) -> int:

@@ -38,6 +38,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     batches = calibration_batches(ctx)
     if fold_batchnorms(gm, lambda line: None)["folded"]:
         gm.recompile()
+    from graphopt_plugins.tflite_compat.attention import split_multihead_attention
+
+    for name in split_multihead_attention(gm, ctx):   # nn.MultiheadAttention's Linear layers get int8 kernels too
+        ctx.explain(f"{name}: nn.MultiheadAttention split into its q/k/v/out Linear layers and matmuls")
     for name in unfuse_activations(gm):
         ctx.explain(f"{name}: activation split from the layer, int8 kernels do not fuse it")
     annotate(gm, ctx.example_inputs)
@@ -48,7 +52,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name, why in p.kept.items():
         node = next(n for n in work.graph.nodes if n.name == name)
         ctx.explain(f"{name} ({describe(work, node)}): fp32, {why}")
+    macs = {n.name: int(n.meta.get("graphopt.macs", 0)) for n in work.graph.nodes}
     stats = {"int8_layers": len(p.layers), "fp32_layers": sorted(p.kept), "calibration_batches": len(batches),
+             "int8_macs_share": round(sum(macs.get(layer.node.name, 0) for layer in p.layers) /
+                                      max(1, sum(macs.values())), 4),
              "sqnr_calibration": round(db, 2), "cosine_calibration": round(cosine, 6),
              "sensitivity": [[n, round(v, 2)] for n, v in ranked], "observer": o["observer"],
              "prefer": o["prefer"], "whole_graph_ms": ctx.scratch.get("whole_ms"), "timings_ms": {n: [round(f, 4), round(q, 4)]

@@ -90,7 +90,15 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
         return "cat"
     kind = _BINARY.get(node.target) if node.op == "call_function" else \
         {"add": "add", "mul": "mul", "matmul": "matmul"}.get(node.target) if node.op == "call_method" else None
-    return kind if kind and len(_tensor_args(node)) == 2 else None
+    args = _tensor_args(node)
+    # by a one-element constant (attention's q * scale): no int8 kernel for it; it runs in float
+    scalar = any(a.op == "get_attr" and getattr(_attribute(gm, a.target), "numel", lambda: 0)() == 1 for a in args)
+    return kind if kind and len(args) == 2 and not scalar else None
+
+
+def _attribute(gm: fx.GraphModule, target: str):
+    owner, _, name = target.rpartition(".")
+    return getattr(gm.get_submodule(owner), name, None)
 
 
 def _why_fp32(gm: fx.GraphModule, node: fx.Node, patterns: list[str]) -> str | None:
@@ -127,7 +135,8 @@ def _passes(gm: fx.GraphModule, node: fx.Node) -> bool:
     if node.op == "call_module":
         return isinstance(gm.get_submodule(node.target), _PASS_MODULES)
     return (node.op == "call_function" and node.target in _PASS_FUNCTIONS) or \
-        (node.op == "call_method" and node.target in _PASS_METHODS)
+        (node.op == "call_method" and node.target in _PASS_METHODS) or \
+        (node.target is operator.getitem and "graphopt.shape" in node.args[0].meta)   # a slice of a tensor
 
 
 @dataclass

@@ -201,16 +201,14 @@ def _onnx_emitter() -> Any:
 def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     """Convert ``graph`` to ``out_dir/<name>.tflite`` (``<name>_fp16.tflite`` for fp16, which an
     fp16 graph always gets). ``route=auto``: through onnx2tf; where onnx2tf fails, or its file
-    disagrees with the graph on the example, an fp32 graph goes through litert-torch instead
-    (``meta.route`` says which made the file and why)."""
+    disagrees with the graph on the example, through litert-torch instead (``meta.route`` says which
+    made the file and why). An int8 graph always takes litert-torch."""
     opts = {o.name: o.default for o in OPTIONS} | dict(options)
-    if opts["route"] == "litert-torch" and "fp16" in (graph.precision, opts["precision"]):
-        raise EmitError("the litert-torch route takes fp32 and int8 graphs; fp16 TFLite goes through onnx2tf")
     if graph.precision == "int8" or opts["route"] == "litert-torch":
         return _litert(graph, opts, out_dir, "asked for" if graph.precision != "int8" else "int8")
     if opts["int8_io"]:
         raise EmitError(f"int8_io needs a quantized graph; {graph.name} is not (run quantize first)")
-    fallback = opts["route"] == "auto" and graph.precision == "fp32" and opts["precision"] == "fp32"
+    fallback = opts["route"] == "auto"
     try:
         artifact = _onnx2tf(graph, opts, out_dir)
     except Exception as exc:   # onnx2tf and TensorFlow raise their own errors, not only EmitError
@@ -223,7 +221,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
             return _litert(graph, opts, out_dir, why)
         except EmitError as again:
             raise EmitError(f"{why}; the litert-torch route failed too: {again}") from exc
-    why = disagreement(artifact, graph, TOLERANCE) if fallback else None
+    tolerance = graphopt.Effect.FP16.tolerance if "fp16" in (graph.precision, opts["precision"]) else TOLERANCE
+    why = disagreement(artifact, graph, tolerance) if fallback else None
     if why is None:
         artifact.meta["route"] = "onnx2tf"
         return artifact
@@ -235,7 +234,8 @@ def _litert(graph: graphopt.Graph, opts: dict, out_dir: Path, why: str) -> Artif
     """The litert-torch route (``int8.emit``), ``meta.route`` saying why it was taken."""
     from . import int8 as litert_route
 
-    artifact = litert_route.emit(graph, opts, out_dir)
+    fp16 = "fp16" in (graph.precision, opts["precision"])
+    artifact = litert_route.emit(_fp32_copy(graph) or graph, opts, out_dir, fp16=fp16)
     artifact.meta["route"] = "litert-torch" + ("" if why in ("int8", "asked for") else f" (onnx2tf: {why})")
     return artifact
 

@@ -103,16 +103,20 @@ def _int8_io(data: bytes) -> bytes:
 
 
 def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io: bool = False,
-            channels_last: bool = True) -> tuple[bytes, dict]:
+            channels_last: bool = True, fp16: bool = False) -> tuple[bytes, dict]:
     """The int8 .tflite of the fake-quant ``gm``: float inputs and outputs (QUANTIZE/DEQUANTIZE
     inside) or, for ``int8_io``, int8 ones carrying the scale and zero point of the fake quants
-    right after the inputs and right before the outputs; and the I/O description of ``to_qdq``."""
+    right after the inputs and right before the outputs; and the I/O description of ``to_qdq``.
+    An fp32 ``gm`` gives an fp32 file, or with ``fp16`` one of float16 weights (litert-torch's
+    fp16 recipe: each weight stored in half and dequantized in the file, as TF's converter does)."""
     module, samples, io = to_qdq(gm, example_inputs, channels_last)
     with captured_output():   # litert-torch's progress lines, absl logs
         import litert_torch
+        from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
 
         with _static_strict_qdq():
-            data = litert_torch.convert(module, sample_kwargs=samples).model_content()
+            data = litert_torch.convert(module, sample_kwargs=samples,
+                                        quant_config=full_fp16_recipe() if fp16 else None).model_content()
         if int8_io:
             data = _int8_io(data)
     return bytes(data), io
@@ -164,13 +168,15 @@ def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
             "weights": check_qtensors("int8 weight", graph_weights, weights, fail=fail)}
 
 
-def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
+def emit(graph: graphopt.Graph, opts: dict, out_dir: Path, fp16: bool = False) -> Artifact:
     """``graph`` => a .tflite through litert-torch (``convert``): a quantized graph => ``<name>_int8.tflite``
-    with int8 kernels holding the graph's own scales; an fp32 one => ``<name>.tflite`` (the route the
-    emitter takes where onnx2tf cannot). ``opts`` are the tflite emitter's."""
+    with int8 kernels holding the graph's own scales; an fp32 one => ``<name>.tflite``, or with ``fp16``
+    ``<name>_fp16.tflite`` (the route the emitter takes where onnx2tf cannot). ``opts`` are the tflite
+    emitter's."""
     from ai_edge_litert.interpreter import Interpreter
 
     int8 = graph.precision == "int8"
+    precision = "int8" if int8 else "fp16" if fp16 else "fp32"
     try:
         with captured_output():
             import litert_torch
@@ -178,11 +184,11 @@ def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
         raise EmitError(f"{'int8 TFLite' if int8 else 'the litert-torch route'} needs litert-torch: "
                         f"{first_line(exc)}; pip install 'graphopt[tflite]'") from exc
     try:
-        data, io = convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"])
+        data, io = convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"], fp16)
     except Exception as exc:
         raise EmitError(f"litert-torch could not convert {'the quantized ' if int8 else ''}{graph.name}: "
                         f"{first_line(exc)}") from exc
-    ops = builtin_operators(data, f"the {'int8 ' if int8 else ''}TFLite model of {graph.name}")
+    ops = builtin_operators(data, f"the {precision} TFLite model of {graph.name}")
     signature = Interpreter(model_content=data).get_signature_runner()
     specs = {}
     for kind, details in (("inputs", signature.get_input_details()), ("outputs", signature.get_output_details())):
@@ -198,12 +204,13 @@ def emit(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
                                 "layout": layout,
                                 "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
                                 if dtype == "int8" else None})
-    info = record(graph, **specs)
-    suffix = f"_int8{'_io' if opts['int8_io'] else ''}" if int8 else ""
+    info = record(graph, precision=precision, **specs)
+    suffix = f"_int8{'_io' if opts['int8_io'] else ''}" if int8 else "_fp16" if fp16 else ""
     target = Path(out_dir) / f"{graph.name}{suffix}.tflite"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, with_metadata(data, info))
-    meta = {"precision": graph.precision, "op_types": dict(sorted(ops.items())), **specs,
-            "converter": f"litert-torch {litert_torch.__version__}{' (STATIC, strict QDQ)' if int8 else ''}"}
+    meta = {"precision": precision, "op_types": dict(sorted(ops.items())), **specs,
+            "converter": f"litert-torch {litert_torch.__version__}{' (STATIC, strict QDQ)' if int8 else ''}"
+                         f"{' (fp16 recipe)' if fp16 else ''}"}
     return Artifact("tflite", target, meta | ({"int8_io": opts["int8_io"], "scales": scale_check(data, graph.module)}
                                               if int8 else {}))

@@ -132,3 +132,20 @@ REWRITES = [
     Rewrite("multihead_attention", _is_mha, _check_mha, _replace_mha),
     Rewrite("sdpa", lambda gm, n: calls(n, [F.scaled_dot_product_attention]), _check_sdpa, _replace_sdpa),
 ]
+
+
+def split_multihead_attention(gm: fx.GraphModule, ctx) -> list[str]:
+    """In place: every nn.MultiheadAttention => its q/k/v/out Linear layers and the attention
+    matmuls (``REWRITES[0]``), for the features that work on Linear layers (prune follows their
+    channels, quantize gives them int8 kernels). Returns the modules split."""
+    from graphopt.rewrite import apply as rewrite
+
+    names = [n.target for n in gm.graph.nodes
+             if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.MultiheadAttention)]
+    if not names:
+        return []
+    rewrite(gm, ctx, REWRITES[:1])
+    gm.delete_all_unused_submodules()
+    gm.recompile()
+    called = {n.target for n in gm.graph.nodes if n.op == "call_module"}
+    return [t for t in names if t not in called]

@@ -26,7 +26,7 @@ FEATURES = {
     "tflite_compat": ["tflite-compat"],
 }
 # what a kept feature declares it needs (pyproject's import-linter exceptions, emitters' prepare)
-NEEDED_BY = {"fuse": ["quantize"], "onnx": ["tflite"], "partition": ["pte"], "tflite_compat": ["tflite", "prune"]}
+NEEDED_BY = {"fuse": ["quantize"], "onnx": ["tflite"], "partition": ["pte"], "tflite_compat": ["tflite", "prune", "quantize"]}
 
 # Runs in a fresh interpreter: the deleted packages cannot be imported, their plugins are blocked.
 SCRIPT = """

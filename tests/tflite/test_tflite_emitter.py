@@ -207,13 +207,18 @@ class Grouped(nn.Module):
 
 
 def test_where_onnx2tf_fails_litert_torch_makes_the_file(tmp_path):
+    from ai_edge_litert.interpreter import Interpreter
+
     graph = _capture(Grouped(), (1, 8, 8, 8), name="family")
     artifact = tflite_emitter.emit(graph, {}, tmp_path)
     assert artifact.meta["route"].startswith("litert-torch (onnx2tf: ValueError: SignatureDef signature_key is None")
     assert artifact.meta["precision"] == "fp32" and [p.name for p in tmp_path.iterdir()] == ["family.tflite"]
     _assert_close(graph, artifact, [torch.randn(1, 8, 8, 8)])
-    with pytest.raises(graphopt.EmitError, match="the litert-torch route takes fp32 and int8 graphs"):
-        tflite_emitter.emit(graph, {"route": "litert-torch", "precision": "fp16"}, tmp_path)
+    half = tflite_emitter.emit(graph, {"precision": "fp16"}, tmp_path)    # fp16 weights: litert-torch's recipe
+    assert half.meta["route"].startswith("litert-torch (onnx2tf: ") and half.meta["precision"] == "fp16"
+    assert half.path.name == "family_fp16.tflite"
+    assert "float16" in {t["dtype"].__name__ for t in Interpreter(model_path=str(half.path)).get_tensor_details()}
+    _assert_close(graph, half)
     with pytest.raises(ValueError, match="SignatureDef"):     # onnx2tf alone: its error, as the driver wraps it
         tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path / "onnx2tf")
 

@@ -1,9 +1,11 @@
-"""Tiny transformer-era models for tests, written the way ViT, Swin and ConvNeXt write them.
+"""Transformer-era models for tests, written the way ViT, Swin and ConvNeXt write them.
 
-Every builder seeds torch and returns a fresh, fx-traceable model in eval mode for
-1x3x32x32 inputs, with LayerNorm affines, layer scales, tokens and position biases far
-from their identity init, so every op matters to the numbers. ``TRANSFORMER_ZOO`` maps a
-name to ``(builder, input_shape)``.
+Every builder seeds torch and returns a fresh, fx-traceable model in eval mode, with LayerNorm
+affines, layer scales, tokens and position biases far from their identity init, so every op
+matters to the numbers. ``TRANSFORMER_ZOO`` maps a name to ``(builder, input_shape)`` for the
+tiny models (1x3x32x32); ``TRANSFORMER_FULL`` does the same for full-size replicas of
+torchvision's vit_b_16, swin_t and convnext_tiny (1x3x224x224, 1000 classes, torchvision's
+parameter counts; build them on the meta device to count, they take seconds to run).
 """
 from __future__ import annotations
 
@@ -92,13 +94,14 @@ class TimmBlock(nn.Module):
 class ViT(nn.Module):
     """Patch-embed conv, cls token, position embedding, encoder blocks, LayerNorm, head on cls."""
 
-    def __init__(self, blocks: list[nn.Module], dim: int, patch: int, tokens: int, num_classes: int):
+    def __init__(self, blocks: list[nn.Module], dim: int, patch: int, tokens: int, num_classes: int,
+                 norm_eps: float = 1e-5):
         super().__init__()
         self.patch_embed = nn.Conv2d(3, dim, patch, patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
         self.pos_embed = nn.Parameter(torch.zeros(1, tokens + 1, dim))
         self.blocks = nn.Sequential(*blocks)
-        self.norm = nn.LayerNorm(dim)
+        self.norm = nn.LayerNorm(dim, eps=norm_eps)
         self.head = nn.Linear(dim, num_classes)
 
     def forward(self, x):
@@ -115,6 +118,14 @@ def vit_tiny(num_classes: int = 10, *, seed: int = 0) -> ViT:
     dim, heads = 64, 4
     blocks = [MHABlock(dim, heads), TimmBlock(dim, heads, fused=True)]
     return _init_weights(ViT(blocks, dim, 4, 64, num_classes))
+
+
+def vit_b_16(num_classes: int = 1000, *, seed: int = 0) -> ViT:
+    """torchvision's ViT-B/16: 16x16 patches (196 tokens + cls), 12 nn.MultiheadAttention blocks of dim 768,
+    12 heads, MLP 3072, LayerNorms with eps 1e-6; 86,567,656 parameters."""
+    torch.manual_seed(seed)
+    dim, heads = 768, 12
+    return _init_weights(ViT([MHABlock(dim, heads) for _ in range(12)], dim, 16, 196, num_classes, norm_eps=1e-6))
 
 
 # ------------------------------------------------------------------------------- Swin
@@ -213,24 +224,37 @@ class PatchMerging(nn.Module):
         return self.reduction(self.norm(x))
 
 
-class Swin(nn.Module):
-    """2x2 patch embed + LayerNorm, two stages of blocks alternating regular and shifted windows
-    with patch merging between, LayerNorm, token mean, head."""
+def _stage_names(stages: int, between: str) -> list[tuple[str, str | None]]:
+    """(stage, module after it) names of a ``stages``-stage model: ``stage1, {between}, stage2, {between}2, ...,
+    stageN, None`` (the first ``between`` unnumbered, as the two-stage models have always named it)."""
+    return [(f"stage{i}", f"{between}{i if i > 1 else ''}" if i < stages else None) for i in range(1, stages + 1)]
 
-    def __init__(self, dim: int, resolution: int, heads: tuple[int, int], depths: tuple[int, int],
-                 ws: int, num_classes: int):
+
+class Swin(nn.Module):
+    """``patch`` x ``patch`` conv embed + LayerNorm, stages of blocks (``heads[i]`` heads) alternating regular and
+    shifted windows (no shift where one window covers the feature map, as torchvision) with patch merging between
+    (dim doubles, resolution halves), LayerNorm, token mean, head. Stages are ``stage1, stage2, ...``, merges
+    ``merge, merge2, ...``."""
+
+    def __init__(self, dim: int, resolution: int, heads: tuple[int, ...], depths: tuple[int, ...],
+                 ws: int, num_classes: int, patch: int = 2):
         super().__init__()
-        self.patch_embed, self.patch_norm = nn.Conv2d(3, dim, 2, 2), nn.LayerNorm(dim)
-        self.stage1 = nn.Sequential(*[SwinBlock(dim, resolution, heads[0], ws, i % 2 * ws // 2)
-                                      for i in range(depths[0])])
-        self.merge = PatchMerging(dim, resolution)
-        self.stage2 = nn.Sequential(*[SwinBlock(2 * dim, resolution // 2, heads[1], ws, i % 2 * ws // 2)
-                                      for i in range(depths[1])])
-        self.norm, self.head = nn.LayerNorm(2 * dim), nn.Linear(2 * dim, num_classes)
+        self.patch_embed, self.patch_norm = nn.Conv2d(3, dim, patch, patch), nn.LayerNorm(dim)
+        names = _stage_names(len(depths), "merge")
+        self.order = [name for pair in names for name in pair if name]     # forward order
+        for i, (stage, merge) in enumerate(names):
+            shift = ws // 2 if resolution > ws else 0
+            setattr(self, stage, nn.Sequential(*[SwinBlock(dim, resolution, heads[i], ws, j % 2 * shift)
+                                                 for j in range(depths[i])]))
+            if merge:
+                setattr(self, merge, PatchMerging(dim, resolution))
+                dim, resolution = 2 * dim, resolution // 2
+        self.norm, self.head = nn.LayerNorm(dim), nn.Linear(dim, num_classes)
 
     def forward(self, x):
         x = self.patch_norm(self.patch_embed(x).flatten(2).transpose(1, 2))
-        x = self.stage2(self.merge(self.stage1(x)))
+        for name in self.order:
+            x = getattr(self, name)(x)
         return self.head(self.norm(x).mean(1))
 
 
@@ -238,6 +262,14 @@ def swin_tiny(num_classes: int = 10, *, seed: int = 0, depths: tuple[int, int] =
     """Swin, dim 24 -> 48, 4x4 windows shifted by 2, tokens 16x16 -> 8x8."""
     torch.manual_seed(seed)
     return _init_weights(Swin(24, 16, (2, 4), depths, 4, num_classes))
+
+
+def swin_t(num_classes: int = 1000, *, seed: int = 0) -> Swin:
+    """torchvision's Swin-T: 4x4 patches, dims 96/192/384/768, depths 2/2/6/2, heads 3/6/12/24, 7x7 windows
+    shifted by 3 on every second block (not in the last stage, whose 7x7 map is one window), tokens 56x56 -> 7x7;
+    28,288,354 parameters."""
+    torch.manual_seed(seed)
+    return _init_weights(Swin(96, 56, (3, 6, 12, 24), (2, 2, 6, 2), 7, num_classes, patch=4))
 
 
 # --------------------------------------------------------------------------- ConvNeXt
@@ -286,18 +318,24 @@ class ConvNeXtBlock(nn.Module):
 
 class ConvNeXt(nn.Module):
     """4x4 stem + LayerNorm2d, stages of blocks, downsampling by channel LayerNorm + 2x2 conv,
-    global mean, LayerNorm, head."""
+    global mean, LayerNorm, head. Stages are ``stage1, stage2, ...``, downsamplings ``downsample, downsample2, ...``."""
 
-    def __init__(self, dims: tuple[int, int], depths: tuple[int, int], num_classes: int):
+    def __init__(self, dims: tuple[int, ...], depths: tuple[int, ...], num_classes: int):
         super().__init__()
         self.stem = nn.Sequential(nn.Conv2d(3, dims[0], 4, 4), LayerNorm2d(dims[0]))
-        self.stage1 = nn.Sequential(*[ConvNeXtBlock(dims[0]) for _ in range(depths[0])])
-        self.downsample = nn.Sequential(PermutedLayerNorm(dims[0]), nn.Conv2d(dims[0], dims[1], 2, 2))
-        self.stage2 = nn.Sequential(*[ConvNeXtBlock(dims[1]) for _ in range(depths[1])])
-        self.norm, self.head = nn.LayerNorm(dims[1], eps=1e-6), nn.Linear(dims[1], num_classes)
+        names = _stage_names(len(depths), "downsample")
+        self.order = [name for pair in names for name in pair if name]     # forward order
+        for i, (stage, downsample) in enumerate(names):
+            setattr(self, stage, nn.Sequential(*[ConvNeXtBlock(dims[i]) for _ in range(depths[i])]))
+            if downsample:
+                setattr(self, downsample, nn.Sequential(PermutedLayerNorm(dims[i]),
+                                                        nn.Conv2d(dims[i], dims[i + 1], 2, 2)))
+        self.norm, self.head = nn.LayerNorm(dims[-1], eps=1e-6), nn.Linear(dims[-1], num_classes)
 
     def forward(self, x):
-        x = self.stage2(self.downsample(self.stage1(self.stem(x))))
+        x = self.stem(x)
+        for name in self.order:
+            x = getattr(self, name)(x)
         return self.head(self.norm(x.mean([-2, -1])))
 
 
@@ -307,8 +345,21 @@ def convnext_tiny(num_classes: int = 10, *, seed: int = 0, depths: tuple[int, in
     return _init_weights(ConvNeXt((32, 64), depths, num_classes))
 
 
+def convnext_t(num_classes: int = 1000, *, seed: int = 0) -> ConvNeXt:
+    """torchvision's ConvNeXt-Tiny: dims 96/192/384/768, depths 3/3/9/3, feature maps 56x56 -> 7x7;
+    28,589,128 parameters."""
+    torch.manual_seed(seed)
+    return _init_weights(ConvNeXt((96, 192, 384, 768), (3, 3, 9, 3), num_classes))
+
+
 TRANSFORMER_ZOO = {
     "vit_tiny": (vit_tiny, (1, 3, 32, 32)),
     "swin_tiny": (swin_tiny, (1, 3, 32, 32)),
     "convnext_tiny": (convnext_tiny, (1, 3, 32, 32)),
+}
+
+TRANSFORMER_FULL = {
+    "vit": (vit_b_16, (1, 3, 224, 224)),
+    "swin": (swin_t, (1, 3, 224, 224)),
+    "convnext": (convnext_t, (1, 3, 224, 224)),
 }
