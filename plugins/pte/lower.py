@@ -197,13 +197,18 @@ def _xnnpack_graph(processed: bytes, name: str = "") -> tuple[Counter, Counter, 
             [(f"{i} of delegate {name}", keys[int(b)]) for i, b in _WEIGHT.findall(text)])
 
 
+def _scale_key(w: QTensor) -> str:
+    return "scale_" + hashlib.sha256(np.asarray(w.scale, np.float32).tobytes()).hexdigest()
+
+
 def _check_quantization(gm: fx.GraphModule, names: list[str], grids: list[QTensor], weights: list[tuple],
                         name: str) -> dict:
     """The delegates' quantization against the graph's (``graphopt.testing.quantization``). Activations
     as grids (XNNPACK numbers its values its own way): each is one of the graph's, and each fake quant
-    inside a partition is on one. Weights position by position: ExecuTorch stores a weight's
-    per-channel scales under ``scale_`` + the sha256 of their float32 bytes, so the key must be the
-    one the graph's scales give."""
+    inside a partition is on one. Weights by content: ExecuTorch stores a weight's per-channel scales
+    under ``scale_`` + the sha256 of their float32 bytes, so each delegate weight's key must be one a
+    layer of the partitions gives, each such layer's found once (XNNPACK orders a partition's
+    branches its own way, so positions do not pair)."""
     graph_acts, graph_weights = graph_qtensors(gm)
     acts = {t.name for part in names for t in graph_qtensors(gm.get_submodule(part))[0]}
     expected = [w for w in graph_weights if w.name.split(".")[0] in names]   # named <partition>.<layer>
@@ -211,11 +216,15 @@ def _check_quantization(gm: fx.GraphModule, names: list[str], grids: list[QTenso
     def fail(what: str) -> None:
         raise EmitError(f"the XNNPACK delegates of {name} do not hold the graph's quantization: {what}")
 
-    for i, (w, (value, key)) in enumerate(zip(expected, weights)):
-        if key != "scale_" + hashlib.sha256(np.asarray(w.scale, np.float32).tobytes()).hexdigest():
-            fail(f"int8 weight {i + 1} (value {value}) has per-channel scales other than the graph's ({w.name})")
-    if len(expected) != len(weights):
-        fail(f"the delegates have {len(weights)} int8 weights, the graph's partitions {len(expected)}")
+    keys = {_scale_key(w): w for w in expected}
+    left = Counter(_scale_key(w) for w in expected)
+    for value, key in weights:      # XNNPACK serializes a partition's branches in its own order: match by key
+        if left[key] <= 0:
+            fail(f"int8 weight (value {value}) has per-channel scales " + (
+                "no layer of the graph's partitions has" if key not in keys else f"of {keys[key].name} once too often"))
+        left[key] -= 1
+    if missing := [keys[k].name for k, n in left.items() if n > 0]:
+        fail(f"the int8 weights of {', '.join(missing)} are in no delegate")
     return {"activations": check_grids("int8 value", graph_acts, grids, atol=5e-7, fail=fail,
                                        optional=lambda g: g.name not in acts), "weights": len(weights)}
 

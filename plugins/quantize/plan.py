@@ -80,7 +80,7 @@ def unfuse_activations(gm: fx.GraphModule) -> list[str]:
     return split
 
 
-def _kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
+def _kind(gm: fx.GraphModule, node: fx.Node, variable: set[fx.Node] | None = None) -> str | None:
     if node.op == "call_module":
         m = gm.get_submodule(node.target)
         if isinstance(m, _WEIGHTED):
@@ -91,14 +91,10 @@ def _kind(gm: fx.GraphModule, node: fx.Node) -> str | None:
     kind = _BINARY.get(node.target) if node.op == "call_function" else \
         {"add": "add", "mul": "mul", "matmul": "matmul"}.get(node.target) if node.op == "call_method" else None
     args = _tensor_args(node)
-    # by a one-element constant (attention's q * scale): no int8 kernel for it; it runs in float
-    scalar = any(a.op == "get_attr" and getattr(_attribute(gm, a.target), "numel", lambda: 0)() == 1 for a in args)
-    return kind if kind and len(args) == 2 and not scalar else None
-
-
-def _attribute(gm: fx.GraphModule, target: str):
-    owner, _, name = target.rpartition(".")
-    return getattr(gm.get_submodule(owner), name, None)
+    # by a constant (attention's q * scale, a layer scale, LayerNorm2d's weight[:, None, None]): it runs in
+    # float; quantizing a constant operand gains nothing and litert-torch mislays some (ConvNeXt)
+    constant = variable is not None and any(a not in variable for a in args)
+    return kind if kind and len(args) == 2 and not constant else None
 
 
 def _why_fp32(gm: fx.GraphModule, node: fx.Node, patterns: list[str]) -> str | None:
@@ -151,10 +147,14 @@ def plan(gm: fx.GraphModule, patterns: list[str], excluded: dict[str, str]) -> P
     """Which values are int8, walking the graph in order."""
     layers, observed, derived, kept, int8 = [], [], {}, {}, set()
     skip: set[fx.Node] = set()
+    variable: set[fx.Node] = set()      # what an input reaches; the rest is constant
+    for node in gm.graph.nodes:
+        if node.op == "placeholder" or any(a in variable for a in node.all_input_nodes):
+            variable.add(node)
     for node in gm.graph.nodes:
         if node in skip:
             continue
-        kind = _kind(gm, node)
+        kind = _kind(gm, node, variable)
         if kind:
             why = _why_fp32(gm, node, patterns) or excluded.get(node.name)
             if why:
