@@ -92,15 +92,16 @@ def markdown(results: dict, size: str) -> str:
             if c is None:
                 cells.append("")
             elif c["ok"]:
-                cells.append(f"{c['cosine']:.4f}" + (" (litert)" if (c.get("route") or "").startswith("litert")
-                                                     and "fp32" in stage else ""))
+                fallback = (c.get("route") or "").startswith("litert-torch (")   # where onnx2tf could not
+                cells.append(f"{c['cosine']:.4f}" + (" (litert)" if fallback else ""))
             else:
                 failures.append(f"- {family}, {stage}: {c['reason']}")
                 cells.append(f"x{len(failures)}")
         lines.append(f"| {family} | " + " | ".join(cells) + " |")
     done = sum(c["ok"] for row in results.values() for c in row.values())
     total = sum(len(row) for row in results.values())
-    lines += ["", f"{done} of {total} cells verified.", ""]
+    lines += ["", f"{done} of {total} cells verified. (litert): TFLite through litert-torch where onnx2tf failed "
+              "(the reasons in the JSON's `route`); int8 TFLite always takes litert-torch.", ""]
     if failures:
         lines += ["Not through:", "", *[f.replace("- ", f"- x{i + 1} ", 1) for i, f in enumerate(failures)], ""]
     return "\n".join(lines)

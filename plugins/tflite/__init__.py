@@ -215,8 +215,10 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         if not fallback:
             raise
         lines = [line.strip() for line in str(exc).splitlines() if line.strip()] or [""]
+        reason = next((line for line in lines if "Error" in line and line != lines[0]), lines[-1]) \
+            if lines[0].endswith(":") else lines[0]      # TensorFlow's "in user code:", its error further down
         why = str(exc) if isinstance(exc, EmitError) else \
-            f"{type(exc).__name__}: {lines[-1] if lines[0].endswith(':') else lines[0]}"   # TF: "in user code:"
+            reason if reason.startswith(type(exc).__name__) else f"{type(exc).__name__}: {reason}"
         try:
             return _litert(graph, opts, out_dir, why)
         except EmitError as again:
