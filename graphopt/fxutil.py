@@ -84,3 +84,12 @@ def erase_if_unused(gm: fx.GraphModule, node: fx.Node) -> None:
         gm.graph.erase_node(n)
         erased.add(n)
     delete_unread_attributes(gm, read)
+
+
+def input_dependent(gm: fx.GraphModule) -> set[fx.Node]:
+    """The nodes an input reaches; the rest of the graph is constant (freezing folds it)."""
+    reached: set[fx.Node] = set()
+    for n in gm.graph.nodes:
+        if n.op == "placeholder" or any(a in reached for a in n.all_input_nodes):
+            reached.add(n)
+    return reached

@@ -10,6 +10,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import EmitError
+from graphopt.fxutil import input_dependent
 from graphopt.quant import is_fake_quant
 from graphopt.testing.quantization import QTensor, check_grids, check_qtensors, graph_qtensors
 
@@ -65,10 +66,7 @@ def scale_check(data: bytes, gm: fx.GraphModule) -> dict:
     were compared (weights: "computed in float" where the lowering reached no layer)."""
     acts, weights, constants = file_qtensors(data)
     graph_acts, graph_weights = graph_qtensors(gm)
-    variable: set[fx.Node] = set()       # nodes an input reaches: the rest freezing folds into constants
-    for n in gm.graph.nodes:
-        if n.op == "placeholder" or any(a in variable for a in n.all_input_nodes):
-            variable.add(n)
+    variable = input_dependent(gm)        # the rest freezing folds into constants
     of_constants = {n.name for n in gm.graph.nodes if is_fake_quant(n) and n not in variable}
 
     def fail(what: str) -> None:

@@ -12,6 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from graphopt.fused import AddReLU
+from graphopt.fxutil import input_dependent
 from graphopt.quant import insert_fake_quant, quantize_weight
 
 from .observers import QParams
@@ -147,10 +148,7 @@ def plan(gm: fx.GraphModule, patterns: list[str], excluded: dict[str, str]) -> P
     """Which values are int8, walking the graph in order."""
     layers, observed, derived, kept, int8 = [], [], {}, {}, set()
     skip: set[fx.Node] = set()
-    variable: set[fx.Node] = set()      # what an input reaches; the rest is constant
-    for node in gm.graph.nodes:
-        if node.op == "placeholder" or any(a in variable for a in node.all_input_nodes):
-            variable.add(node)
+    variable = input_dependent(gm)
     for node in gm.graph.nodes:
         if node in skip:
             continue
