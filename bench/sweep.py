@@ -3,12 +3,12 @@ format in fp32, fp16 TFLite, pruned, and int8 to every format, each artifact ver
 driver; a matrix of what went through (cosine against the optimized graph, file size, seconds)
 and, for what did not, the one-line reason.
 
-    .venv/bin/python bench/sweep.py [--size small|full] [--models resnet,vit_tiny,...] [--out bench/SWEEP.md]
+    .venv/bin/python bench/sweep.py [--size small|full] [--models resnet,vit,...] [--stages ...] [--out F] [--resume]
 
 Writes the markdown matrix (``--out``), a JSON of every cell beside it and a picture
 (``.png``). Small variants take about a minute each here, full-size ones several minutes
-(TFLite conversion and int8 calibration dominate). Each cell is its own ``graphopt.optimize``
-run, so one failure costs that cell only.
+(TFLite conversion and int8 calibration dominate). A pipeline is run once per model and shared by the stages it serves (the int8 formats share one
+quantization; the pte stages continue it with a partition); a failure costs its cells only.
 """
 from __future__ import annotations
 
@@ -26,7 +26,9 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import graphopt  # noqa: E402
+from graphopt.driver import emit_all, select_emitters  # noqa: E402
 from graphopt.errors import first_line  # noqa: E402
+from graphopt.passmanager import run_pipeline  # noqa: E402
 from zoo import FAMILIES, SMALL_FAMILIES, TRANSFORMER_FULL, TRANSFORMER_ZOO, ZOO  # noqa: E402
 
 # stage -> (pipeline, format); pte stages add the xnnpack partition its emitter needs
@@ -57,23 +59,66 @@ def models(size: str) -> dict:
             "mobilenet_v3": ZOO["mobilenet_v3"], **TRANSFORMER_FULL}
 
 
-def cell(registry, build, shape, stage: str, out: Path) -> dict:
+class Runs:
+    """One model's pipeline runs, shared: a stage whose pipeline extends one already run (the pte
+    stages add a partition; the int8 formats share one quantization) continues from that graph."""
+
+    def __init__(self, registry, build, shape):
+        gen = torch.Generator().manual_seed(0)
+        self.registry, self.build = registry, build
+        self.x = torch.randn(*shape, generator=gen)
+        self.data = {"calibration": [torch.randn(*shape, generator=gen) for _ in range(CALIBRATION)]}
+        self.done: dict[str, tuple] = {}      # pipeline -> (graph, references, seconds, quantize's stats) or an error
+
+    def run(self, pipeline: str):
+        if pipeline in self.done:
+            return self.done[pipeline]
+        start = time.perf_counter()
+        base = max((p for p in self.done if pipeline.startswith(p + ",") and not isinstance(self.done[p], str)),
+                   key=len, default=None)
+        try:
+            if base is None:
+                result = graphopt.optimize(self.build(), (self.x,), self.registry, pipeline=pipeline, data=self.data)
+                graph, references, records, quantized = result.graph, result.pipeline.references, \
+                    result.pipeline.records, None
+                seconds = time.perf_counter() - start
+            else:
+                graph, references, before, quantized = self.done[base]
+                run = run_pipeline(graph, pipeline[len(base) + 1:], self.registry, data=self.data)
+                graph, records, seconds = run.graph, run.records, before + time.perf_counter() - start
+            stats = next((r.stats for r in records if r.name.split("(")[0] == "quantize"), None)
+            if stats:
+                quantized = {k: stats[k] for k in ("int8_macs_share", "cosine_calibration", "sqnr_calibration")}
+                quantized["fp32_layers"] = len(stats["fp32_layers"])
+            self.done[pipeline] = (graph, references, seconds, quantized)
+        except Exception as exc:   # a crash is a finding too: report it, go on
+            kind = "" if isinstance(exc, graphopt.GraphoptError) else f"crash: {type(exc).__name__}: "
+            self.done[pipeline] = kind + first_line(exc)
+        return self.done[pipeline]
+
+
+def cell(runs: Runs, stage: str, out: Path) -> dict:
+    """One stage: its pipeline (shared, see Runs), then one format emitted and verified on the example,
+    3 shuffles of it and 3 calibration samples. ``seconds``: the passes' plus the artifact's."""
     pipeline, fmt = STAGES[stage]
-    gen = torch.Generator().manual_seed(0)
-    x = torch.randn(*shape, generator=gen)
-    data = {"calibration": [torch.randn(*shape, generator=gen) for _ in range(CALIBRATION)]}
+    done = runs.run(pipeline)
+    if isinstance(done, str):
+        return {"ok": False, "reason": done, "seconds": None}
+    graph, references, pass_seconds, quantized = done
     start = time.perf_counter()
     try:
-        result = graphopt.optimize(build(), (x,), registry, pipeline=pipeline, formats=fmt, out_dir=out, data=data)
-    except graphopt.GraphoptError as exc:
-        return {"ok": False, "reason": first_line(exc), "seconds": round(time.perf_counter() - start, 1)}
-    except Exception as exc:   # a crash is a finding too: report it, go on
-        return {"ok": False, "reason": f"crash: {type(exc).__name__}: {first_line(exc)}",
-                "seconds": round(time.perf_counter() - start, 1)}
-    (check,) = result.artifacts
-    return {"ok": result.ok, "reason": "; ".join(check.problems) or None, "cosine": check.vs_graph.cosine,
-            "bytes": check.bytes, "route": check.artifact.meta.get("route"),
-            "seconds": round(time.perf_counter() - start, 1)}
+        (check,) = emit_all(graph, select_emitters(runs.registry, fmt), out, references, runs.registry)
+    except Exception as exc:
+        kind = "" if isinstance(exc, graphopt.GraphoptError) else f"crash: {type(exc).__name__}: "
+        return {"ok": False, "reason": kind + first_line(exc), "pass_seconds": round(pass_seconds, 1),
+                "seconds": round(pass_seconds + time.perf_counter() - start, 1)}
+    return {"ok": check.verified, "reason": "; ".join(check.problems) or None, "cosine": check.vs_graph.cosine,
+            "bytes": check.bytes, "route": check.artifact.meta.get("route"), "pass_seconds": round(pass_seconds, 1),
+            "seconds": round(pass_seconds + time.perf_counter() - start, 1), **({"quantize": quantized} if quantized else {})}
+
+
+def _size(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
 
 
 def markdown(results: dict, size: str) -> str:
@@ -82,7 +127,8 @@ def markdown(results: dict, size: str) -> str:
              f"`.venv/bin/python bench/sweep.py --size {size}` on {platform.machine()}, "
              f"{torch.get_num_threads()} threads, torch {torch.__version__}. A cell is the artifact's cosine "
              f"against the optimized graph (verified on the example, 3 shuffles of it and 3 of the {CALIBRATION} "
-             f"calibration samples), or x with the reason below.", "",
+             f"calibration samples), its size and the seconds of its passes (a pipeline shared by several cells "
+             f"counts in each), emission and verification; or x with the reason below.", "",
              "| family | " + " | ".join(stages) + " |", "|---" * (len(stages) + 1) + "|"]
     failures = []
     for family, row in results.items():
@@ -93,7 +139,8 @@ def markdown(results: dict, size: str) -> str:
                 cells.append("")
             elif c["ok"]:
                 fallback = (c.get("route") or "").startswith("litert-torch (")   # where onnx2tf could not
-                cells.append(f"{c['cosine']:.4f}" + (" (litert)" if fallback else ""))
+                cells.append(f"{c['cosine']:.4f}" + (" (litert)" if fallback else "") +
+                             f"<br>{_size(c['bytes'])}, {c['seconds']:.0f} s")
             else:
                 failures.append(f"- {family}, {stage}: {c['reason']}")
                 cells.append(f"x{len(failures)}")
@@ -104,6 +151,15 @@ def markdown(results: dict, size: str) -> str:
               "(the reasons in the JSON's `route`); int8 TFLite always takes litert-torch.", ""]
     if failures:
         lines += ["Not through:", "", *[f.replace("- ", f"- x{i + 1} ", 1) for i, f in enumerate(failures)], ""]
+    quantized = {f: q for f, row in results.items()
+                 if (q := next((c["quantize"] for c in row.values() if "quantize" in c), None))}
+    if quantized:
+        lines += ["The int8 stages' quantization (`quantize(prefer=size)`, its other options at their defaults): the share of the model's "
+                  "MACs that run in int8, the fake-quant graph against the fp32 model on the calibration samples, "
+                  "and how many layers it kept in fp32 to meet its bound (cosine 0.995).", "",
+                  "| family | int8 MACs | cosine vs fp32 | SQNR (dB) | layers kept fp32 |", "|---|---|---|---|---|",
+                  *[f"| {f} | {q['int8_macs_share']:.1%} | {q['cosine_calibration']:.4f} | {q['sqnr_calibration']:.1f} "
+                    f"| {q['fp32_layers']} |" for f, q in quantized.items()], ""]
     return "\n".join(lines)
 
 
@@ -131,22 +187,31 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated family names (default: all)")
     parser.add_argument("--stages", help="comma-separated stages (default: all)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--resume", action="store_true",
+                        help="keep the verified cells of the --out JSON, run the failed and missing ones")
     args = parser.parse_args()
     zoo = models(args.size)
     names = args.models.split(",") if args.models else list(zoo)
     stages = args.stages.split(",") if args.stages else list(STAGES)
     out = args.out or HERE / f"SWEEP{'_SMALL' if args.size == 'small' else ''}.md"
+    out.parent.mkdir(parents=True, exist_ok=True)
     registry = graphopt.load_plugins()
-    results: dict = {}
+    results: dict = json.loads(out.with_suffix(".json").read_text()) if args.resume else {}
     with tempfile.TemporaryDirectory() as tmp:
         for name in names:
             build, shape = zoo[name]
+            runs = Runs(registry, build, shape)
             for stage in stages:
-                c = cell(registry, build, shape, stage, Path(tmp) / name / stage.replace(" ", "_"))
+                kept = results.get(name, {}).get(stage, {})
+                if args.resume and kept.get("ok") and ("quantize" in kept or not stage.startswith("int8")):
+                    continue
+                c = cell(runs, stage, Path(tmp) / name / stage.replace(" ", "_"))
                 results.setdefault(name, {})[stage] = c
-                print(f"{name:16s} {stage:12s} {'ok' if c['ok'] else 'x '} {c['seconds']:6.1f}s "
+                print(f"{name:16s} {stage:12s} {'ok' if c['ok'] else 'x '} {c['seconds'] or 0:6.1f}s "
                       f"{'' if c['ok'] else c['reason']}", flush=True)
                 out.with_suffix(".json").write_text(json.dumps(results, indent=1))
+            del runs
+    results = {n: {s: results[n][s] for s in STAGES if s in results[n]} for n in zoo if n in results}
     out.write_text(markdown(results, args.size))
     picture(results, out.with_suffix(".png"))
     print(f"wrote {out}, {out.with_suffix('.json').name}, {out.with_suffix('.png').name}")

@@ -10,6 +10,7 @@ litert-torch==0.10.0.
 from __future__ import annotations
 
 import contextlib
+import operator
 from pathlib import Path
 from typing import Sequence
 
@@ -38,6 +39,7 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
         ranks = [t.dim() for t in torch.utils._pytree.tree_flatten(gm(*example_inputs))[0]]
     gm, _ = qdq_form(gm)
     g = gm.graph
+    _inline_scalars(gm)
 
     placeholders = [n for n in g.nodes if n.op == "placeholder"]
     samples, io = {}, {"inputs": [], "outputs": []}
@@ -67,6 +69,29 @@ def to_qdq(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor],
     g.eliminate_dead_code()
     gm.recompile()
     return gm.eval(), samples, io
+
+
+def _inline_scalars(gm: fx.GraphModule) -> None:
+    """In place: 0-d float constants (tflite-compat's operands for onnx2tf) => Python numbers.
+    litert-torch's layout pass broadcasts a 0-d tensor operand of a channel-reduced (N, 1, H, W)
+    tensor as if it were NCHW beside NHWC (ConvNeXt's LayerNorm2d: ``var + eps``)."""
+    for node in list(gm.graph.nodes):
+        if node.op != "get_attr":
+            continue
+        value = gm
+        for part in node.target.split("."):
+            value = getattr(value, part)
+        if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point() and all(
+                len(u.args) == 2 and not u.kwargs and (u.op == "call_function" and u.target in _FUNCTIONS
+                                                       or u.op == "call_method" and u.target in _METHODS
+                                                       and u.args[0] is not node) for u in node.users):
+            for user in list(node.users):
+                user.args = tuple(value.item() if a is node else a for a in user.args)
+            gm.graph.erase_node(node)
+
+
+_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
+_METHODS = {"add", "sub", "mul", "div"}
 
 
 @contextlib.contextmanager

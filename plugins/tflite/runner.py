@@ -60,11 +60,17 @@ def record(graph: graphopt.Graph, **facts: Any) -> dict:
 
 
 def with_metadata(data: bytes, info: dict) -> bytes:
-    """``data`` with ``info`` as JSON in the metadata entry METADATA."""
+    """``data`` with ``info`` as JSON in the metadata entry METADATA. Buffers the converter stored
+    after the flatbuffer (``offset``/``size``, litert-torch's fp16 files) move into it: repacking
+    drops what follows the flatbuffer."""
     import flatbuffers
     from ai_edge_litert import schema_py_generated as schema
 
     model = schema.ModelT.InitFromPackedBuf(data, 0)
+    for buffer in model.buffers:
+        if buffer.offset > 1:
+            buffer.data = np.frombuffer(data, np.uint8, buffer.size, buffer.offset)
+            buffer.offset = buffer.size = 0
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
     entry = schema.MetadataT()

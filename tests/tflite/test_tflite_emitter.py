@@ -223,6 +223,30 @@ def test_where_onnx2tf_fails_litert_torch_makes_the_file(tmp_path):
         tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path / "onnx2tf")
 
 
+def test_weights_stored_after_the_flatbuffer_survive_the_metadata(tmp_path):
+    """litert-torch's fp16 recipe stores large weights after the flatbuffer (buffer offset/size);
+    writing graphopt's metadata repacks the file, which must carry them (ResNeXt-50's fp16 file did not load)."""
+    from ai_edge_litert import schema_py_generated as schema
+    from graphopt_plugins.tflite.int8 import convert
+
+    class Wide(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.conv = nn.Conv2d(512, 512, 3, padding=1, groups=4)    # 1.2 MB of fp16 weights
+
+        def forward(self, x):
+            return self.conv(x)
+
+    graph = _capture(Wide(), (1, 512, 4, 4), name="wide")
+    data, _ = convert(graph.module, graph.example_inputs, fp16=True)
+    assert any(b.offset > 1 for b in schema.ModelT.InitFromPackedBuf(data, 0).buffers)   # the case at hand
+    half = tflite_emitter.emit(graph, {"precision": "fp16", "route": "litert-torch"}, tmp_path)
+    fp32_weights = 512 * (512 // 4) * 3 * 3 * 4
+    assert half.meta["precision"] == "fp16" and half.path.stat().st_size < 0.6 * fp32_weights
+    _assert_close(graph, half, [torch.randn(1, 512, 4, 4)])
+
+
 def test_where_onnx2tf_gets_the_numbers_wrong_litert_torch_makes_the_file(tmp_path, monkeypatch):
     """onnx2tf made to convert a perturbed copy of the graph: its file runs, with other numbers."""
     torch.manual_seed(0)

@@ -7,9 +7,10 @@ import pytest
 import torch
 
 import graphopt
-from zoo import SMALL_FAMILIES
+from zoo import SMALL_FAMILIES, TRANSFORMER_ZOO
 
 pytestmark = pytest.mark.heavy
+FAMILIES = SMALL_FAMILIES | TRANSFORMER_ZOO      # vit_tiny, swin_tiny, convnext_tiny beside the CNN families
 
 # (pipeline, formats): one run per pipeline, every format it feeds verified on the example, shuffles
 # of it and calibration samples (graphopt.optimize's default)
@@ -23,9 +24,9 @@ STAGES = [
 ]
 
 
-@pytest.mark.parametrize("family", sorted(SMALL_FAMILIES))
+@pytest.mark.parametrize("family", sorted(FAMILIES))
 def test_every_stage(family, registry, tmp_path):
-    build, shape = SMALL_FAMILIES[family]
+    build, shape = FAMILIES[family]
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(*shape, generator=gen)
     data = {"calibration": [torch.randn(*shape, generator=gen) for _ in range(16)]}
