@@ -187,9 +187,12 @@ def main() -> None:
     parser.add_argument("--models", help="comma-separated family names (default: all)")
     parser.add_argument("--stages", help="comma-separated stages (default: all)")
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the verified cells of the --out JSON, run the failed and missing ones")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     zoo = models(args.size)
     names = args.models.split(",") if args.models else list(zoo)
     stages = args.stages.split(",") if args.stages else list(STAGES)

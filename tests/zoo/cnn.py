@@ -28,6 +28,30 @@ def _init_weights(model: nn.Module) -> nn.Module:
     return model.eval()
 
 
+def _bn_from_data(model: nn.Module, shape: tuple[int, ...], batches: int = 2) -> nn.Module:
+    """BatchNorm running statistics averaged over ``batches`` random batches of 4 (``shape`` with its
+    batch size replaced), then jittered (variance x U(0.8, 1.25), mean +- 0.1 std): statistics that
+    normalize, as a trained net's do. At full depth, fixed random statistics let activations grow
+    (EfficientNetV2-S reached 1.5e6, where its fp32 and float64 outputs differ by 88 %). Puts the
+    model in eval; a model on the meta device (built to count parameters) is left as it is."""
+    if any(p.is_meta for p in model.parameters()):
+        return model.eval()
+    norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in norms:
+        m.reset_running_stats()
+        m.momentum = None          # a cumulative average over the batches
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        model.train()
+        for _ in range(batches):
+            model(torch.randn(4, *shape[1:], generator=gen))
+        for m in norms:
+            m.momentum = 0.1
+            m.running_var.mul_(torch.empty_like(m.running_var).uniform_(0.8, 1.25))
+            m.running_mean.add_(torch.empty_like(m.running_mean).uniform_(-0.1, 0.1) * m.running_var.sqrt())
+    return model.eval()
+
+
 def _conv_bn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1) -> list[nn.Module]:
     return [nn.Conv2d(cin, cout, k, stride, k // 2, groups=groups, bias=False),
             nn.BatchNorm2d(cout)]

@@ -11,11 +11,11 @@ import torch
 from torch import nn
 
 if __package__:
-    from .cnn import _init_weights
+    from .cnn import _bn_from_data, _init_weights
     from .prune import ShuffleUnit
     from .segmentation import SEGMENTATION, SMALL_SEGMENTATION
 else:   # loaded from its path (graphopt run tests/zoo/families.py:tiny_resnext), tests/zoo/ is on sys.path
-    from cnn import _init_weights
+    from cnn import _bn_from_data, _init_weights
     from prune import ShuffleUnit
     from segmentation import SEGMENTATION, SMALL_SEGMENTATION
 
@@ -26,12 +26,14 @@ def _cbn(cin: int, cout: int, k: int, stride: int = 1, groups: int = 1, act=None
     return layers + ([act()] if act else [])
 
 
-def _builder(name: str, doc: str, num_classes: int, make, *args):
+def _builder(name: str, doc: str, num_classes: int, make, *args, full: bool = False):
     """A zoo builder ``name(num_classes=..., *, seed=0)``: seeds torch, builds ``make(*args, num_classes=...)``,
-    gives it variance-preserving weights and non-trivial BatchNorm statistics, returns it in eval mode."""
+    gives it variance-preserving weights and non-trivial BatchNorm statistics (``full``: from data,
+    ``_bn_from_data``), returns it in eval mode."""
     def build(num_classes: int = num_classes, *, seed: int = 0) -> nn.Module:
         torch.manual_seed(seed)
-        return _init_weights(make(*args, num_classes=num_classes))
+        model = _init_weights(make(*args, num_classes=num_classes))
+        return _bn_from_data(model, _224) if full else model
     build.__name__, build.__qualname__, build.__doc__ = name, name, doc
     return build
 
@@ -250,7 +252,7 @@ _REGISTRY: dict[str, tuple] = {}   # family: (full-size builder, small builder, 
 
 def _family(family: str, model: str, what: str, make, full: tuple, small: tuple, small_shape: tuple):
     """Builders for torchvision's ``model`` (``make(*full)``) and ``tiny_<family>`` (``make(*small)``)."""
-    builders = (_builder(model, f"torchvision's {model} ({what}), for 1x3x224x224.", 1000, make, *full),
+    builders = (_builder(model, f"torchvision's {model} ({what}), for 1x3x224x224.", 1000, make, *full, full=True),
                 _builder(f"tiny_{family}", f"{model}'s blocks and ops, narrow and shallow, for "
                          f"{'x'.join(map(str, small_shape))}.", 10, make, *small))
     _REGISTRY[family] = (*builders, small_shape)

@@ -15,9 +15,9 @@ from torch import nn
 from torch.nn import functional as F
 
 if __package__:
-    from .cnn import MBConv3, _conv_bn, _init_weights
+    from .cnn import MBConv3, _bn_from_data, _conv_bn, _init_weights
 else:   # loaded from its path (graphopt run tests/zoo/segmentation.py:tiny_lraspp), tests/zoo/ is on sys.path
-    from cnn import MBConv3, _conv_bn, _init_weights
+    from cnn import MBConv3, _bn_from_data, _conv_bn, _init_weights
 
 # MobileNetV3 rows: (kernel, expanded channels, out channels, SE, hardswish, stride)
 _LARGE = [(3, 16, 16, False, False, 1), (3, 64, 24, False, False, 2), (3, 72, 24, False, False, 1),
@@ -122,7 +122,7 @@ def deeplabv3_mobilenet_v3_large(num_classes: int = 21, *, seed: int = 0) -> Dee
     """torchvision's deeplabv3_mobilenet_v3_large without the aux head (ASPP rates 12/24/36, 256 wide), for
     1x3x224x224; returns 1 x num_classes x 224 x 224."""
     torch.manual_seed(seed)
-    return _init_weights(DeepLabV3(_LARGE, num_classes, (12, 24, 36), 256))
+    return _bn_from_data(_init_weights(DeepLabV3(_LARGE, num_classes, (12, 24, 36), 256)), (1, 3, 224, 224))
 
 
 def tiny_deeplabv3(num_classes: int = 6, *, seed: int = 0) -> DeepLabV3:
@@ -135,7 +135,7 @@ def lraspp_mobilenet_v3_large(num_classes: int = 21, *, seed: int = 0) -> LRASPP
     """torchvision's lraspp_mobilenet_v3_large (low-level features 40 ch at stride 8, 128 inter), for 1x3x224x224;
     returns 1 x num_classes x 224 x 224."""
     torch.manual_seed(seed)
-    return _init_weights(LRASPP(_LARGE, num_classes, 128))
+    return _bn_from_data(_init_weights(LRASPP(_LARGE, num_classes, 128)), (1, 3, 224, 224))
 
 
 def tiny_lraspp(num_classes: int = 6, *, seed: int = 0) -> LRASPP:
