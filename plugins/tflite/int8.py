@@ -23,6 +23,7 @@ from graphopt import Artifact, EmitError
 from graphopt.emit import captured_output, to_channels_first, to_channels_last, write_atomic
 from graphopt.errors import first_line
 from graphopt.quant import to_qdq as qdq_form
+from graphopt.rewrite import calls
 from graphopt.testing.quantization import QTensor, check_grids, check_qtensors, graph_qtensors
 
 from .runner import builtin_operators, record, with_metadata
@@ -75,23 +76,17 @@ def _inline_scalars(gm: fx.GraphModule) -> None:
     """In place: 0-d float constants (tflite-compat's operands for onnx2tf) => Python numbers.
     litert-torch's layout pass broadcasts a 0-d tensor operand of a channel-reduced (N, 1, H, W)
     tensor as if it were NCHW beside NHWC (ConvNeXt's LayerNorm2d: ``var + eps``)."""
-    for node in list(gm.graph.nodes):
-        if node.op != "get_attr":
-            continue
-        value = gm
-        for part in node.target.split("."):
-            value = getattr(value, part)
+    for node in [n for n in gm.graph.nodes if n.op == "get_attr"]:
+        value = operator.attrgetter(node.target)(gm)
         if isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point() and all(
-                len(u.args) == 2 and not u.kwargs and (u.op == "call_function" and u.target in _FUNCTIONS
-                                                       or u.op == "call_method" and u.target in _METHODS
-                                                       and u.args[0] is not node) for u in node.users):
+                calls(u, _ARITHMETIC, ("add", "sub", "mul", "div")) and len(u.args) == 2 and not u.kwargs
+                and (u.op == "call_function" or u.args[0] is not node) for u in node.users):
             for user in list(node.users):
                 user.args = tuple(value.item() if a is node else a for a in user.args)
             gm.graph.erase_node(node)
 
 
-_FUNCTIONS = {operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div}
-_METHODS = {"add", "sub", "mul", "div"}
+_ARITHMETIC = (operator.add, operator.sub, operator.mul, operator.truediv, torch.add, torch.sub, torch.mul, torch.div)
 
 
 @contextlib.contextmanager

@@ -5,7 +5,8 @@ ConvNeXt-style: tiny in ``TRANSFORMER_ZOO``, full-size replicas of torchvision's
 convnext_tiny in ``TRANSFORMER_FULL``), ``prune`` (one channel-coupling pattern each,
 ``PRUNE_ZOO`` and ``example_input``), ``families`` and ``segmentation`` (torchvision's
 ResNeXt, EfficientNet, MNASNet, ShuffleNetV2, SqueezeNet, DenseNet, GoogLeNet, RegNet,
-AlexNet, VGG, DeepLabV3 and LR-ASPP: full-size in ``FAMILIES``, small in ``SMALL_FAMILIES``),
+AlexNet, VGG, DeepLabV3 and LR-ASPP: full-size in ``FAMILIES``, with BatchNorm statistics from
+data as a trained net's, small in ``SMALL_FAMILIES``),
 ``fold`` (BatchNorm randomizer, the capture -> pipeline -> compare helper and a conv with two
 users) and ``half`` (fp16 graphs as the fp16 pass leaves them).
 Each ``*ZOO``/``*FAMILIES``/``TRANSFORMER_FULL`` maps a name to ``(builder, input_shape)``. A module is also a
