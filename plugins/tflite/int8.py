@@ -134,12 +134,41 @@ def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io:
         import litert_torch
         from litert_torch.generative.quantize.quant_recipes import full_fp16_recipe
 
-        with _static_strict_qdq():
-            data = litert_torch.convert(module, sample_kwargs=samples,
-                                        quant_config=full_fp16_recipe() if fp16 else None).model_content()
+        def run() -> bytes:
+            with _static_strict_qdq():
+                return litert_torch.convert(module, sample_kwargs=samples,
+                                            quant_config=full_fp16_recipe() if fp16 else None).model_content()
+        try:
+            data = run()
+        except Exception as exc:   # retried without its layout pass; if that fails too, its first error
+            with _without_layout_pass():
+                try:
+                    data = run()
+                except Exception:
+                    raise exc from None
+            io["layout_pass"] = f"skipped: it failed ({first_line(exc)})"
         if int8_io:
             data = _int8_io(data)
     return bytes(data), io
+
+
+@contextlib.contextmanager
+def _without_layout_pass():
+    """litert-torch without its OptimizeLayoutTransposesPass (which moves NCHW ops to NHWC to drop
+    transposes): on some q/dq graphs it leaves mismatched shapes (ConvNeXt-T: an add of (1, 96, 56, 56)
+    and (1, 56, 56, 96)). The file then keeps a TRANSPOSE around each layout-sensitive op."""
+    from litert_torch import fx_infra
+    from litert_torch._convert import fx_passes
+
+    class Skipped(fx_infra.ExportedProgramPassBase):
+        def call(self, exported_program):
+            return fx_infra.ExportedProgramPassResult(exported_program, False)
+
+    original, fx_passes.OptimizeLayoutTransposesPass = fx_passes.OptimizeLayoutTransposesPass, Skipped
+    try:
+        yield
+    finally:
+        fx_passes.OptimizeLayoutTransposesPass = original
 
 
 _SAME_GRID = {"MAX_POOL_2D", "RESHAPE", "TRANSPOSE", "SQUEEZE", "EXPAND_DIMS", "PAD", "PADV2", "GATHER",
@@ -231,6 +260,6 @@ def emit(graph: graphopt.Graph, opts: dict, out_dir: Path, fp16: bool = False) -
     write_atomic(target, with_metadata(data, info))
     meta = {"precision": precision, "op_types": dict(sorted(ops.items())), **specs,
             "converter": f"litert-torch {litert_torch.__version__}{' (STATIC, strict QDQ)' if int8 else ''}"
-                         f"{' (fp16 recipe)' if fp16 else ''}"}
+                         f"{' (fp16 recipe)' if fp16 else ''}"} | ({"layout_pass": io["layout_pass"]} if "layout_pass" in io else {})
     return Artifact("tflite", target, meta | ({"int8_io": opts["int8_io"], "scales": scale_check(data, graph.module)}
                                               if int8 else {}))

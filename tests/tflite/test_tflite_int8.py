@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+import graphopt
 from graphopt.driver import optimize
 import graphopt_plugins.tflite as tflite_emitter
 from graphopt.quant import activation_qparams, is_fake_quant, weight_quant
@@ -64,3 +65,25 @@ def test_int8_io_takes_and_returns_int8(emitted):
     q = activation_qparams(first)
     spec = check.artifact.meta["inputs"][0]
     assert spec["quantization"] == [pytest.approx(q.scale), q.zero_point - 128]   # uint8 zp in int8 terms
+
+
+def test_where_the_layout_pass_of_litert_torch_fails_the_file_is_made_without_it(emitted, tmp_path, monkeypatch):
+    """litert-torch's layout pass breaks some q/dq graphs (ConvNeXt-T); the emitter converts again
+    without it (a TRANSPOSE beside each layout-sensitive op) and says so."""
+    from litert_torch import fx_infra
+    from litert_torch._convert import fx_passes
+
+    class Broken(fx_infra.ExportedProgramPassBase):
+        def call(self, exported_program):
+            raise RuntimeError("Attempting to broadcast a dimension of length 96 at -1!")
+
+    monkeypatch.setattr(fx_passes, "OptimizeLayoutTransposesPass", Broken)
+    graph = emitted.graph
+    artifact = tflite_emitter.emit(graph, {}, tmp_path)
+    assert artifact.meta["layout_pass"] == "skipped: it failed (Attempting to broadcast a dimension of length 96 at -1!)"
+    with_pass = emitted.artifacts[0].artifact.meta["op_types"]
+    assert artifact.meta["op_types"].get("TRANSPOSE", 0) > with_pass.get("TRANSPOSE", 0)
+    outputs = tflite_emitter.load(artifact, threads=1)(list(graph.example_inputs))
+    assert graphopt.compare(graph.run(), outputs).cosine > 0.999
+    assert artifact.meta["scales"]["weights"] == emitted.artifacts[0].artifact.meta["scales"]["weights"]
+    assert fx_passes.OptimizeLayoutTransposesPass is Broken      # put back after the retry, not left out
