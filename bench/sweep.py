@@ -7,7 +7,7 @@ and, for what did not, the one-line reason.
 
 Writes the markdown matrix (``--out``), a JSON of every cell beside it and a picture
 (``.png``). Small variants take about a minute each here, full-size ones several minutes
-(TFLite conversion and int8 calibration dominate). A pipeline is run once per model and shared by the stages it serves (the int8 formats share one
+(TFLite conversion and int8 calibration dominate). Each model runs in its own process; a pipeline is run once per model and shared by the stages it serves (the int8 formats share one
 quantization; the pte stages continue it with a partition); a failure costs its cells only.
 """
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import subprocess
 import sys
 import tempfile
 import time
@@ -181,6 +182,23 @@ def picture(results: dict, path: Path) -> None:
     plt.close(fig)
 
 
+def sweep_model(name: str, build, shape, stages: list[str], out: Path) -> None:
+    """One model's cells (those of the JSON beside ``out`` not verified yet), the JSON rewritten after each."""
+    path = out.with_suffix(".json")
+    results = json.loads(path.read_text()) if path.exists() else {}
+    runs = Runs(graphopt.load_plugins(), build, shape)
+    with tempfile.TemporaryDirectory() as tmp:
+        for stage in stages:
+            kept = results.get(name, {}).get(stage, {})
+            if kept.get("ok") and ("quantize" in kept or not stage.startswith("int8")):
+                continue
+            c = cell(runs, stage, Path(tmp) / stage.replace(" ", "_"))
+            results.setdefault(name, {})[stage] = c
+            print(f"{name:16s} {stage:12s} {'ok' if c['ok'] else 'x '} {c['seconds'] or 0:6.1f}s "
+                  f"{'' if c['ok'] else c['reason']}", flush=True)
+            path.write_text(json.dumps(results, indent=1))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size", choices=("small", "full"), default="small")
@@ -190,6 +208,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--resume", action="store_true",
                         help="keep the verified cells of the --out JSON, run the failed and missing ones")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)   # a model's own process
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -197,27 +216,30 @@ def main() -> None:
     names = args.models.split(",") if args.models else list(zoo)
     stages = args.stages.split(",") if args.stages else list(STAGES)
     out = args.out or HERE / f"SWEEP{'_SMALL' if args.size == 'small' else ''}.md"
+    if args.one:
+        return sweep_model(names[0], *zoo[names[0]], stages, out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    registry = graphopt.load_plugins()
-    results: dict = json.loads(out.with_suffix(".json").read_text()) if args.resume else {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for name in names:
-            build, shape = zoo[name]
-            runs = Runs(registry, build, shape)
-            for stage in stages:
-                kept = results.get(name, {}).get(stage, {})
-                if args.resume and kept.get("ok") and ("quantize" in kept or not stage.startswith("int8")):
-                    continue
-                c = cell(runs, stage, Path(tmp) / name / stage.replace(" ", "_"))
-                results.setdefault(name, {})[stage] = c
-                print(f"{name:16s} {stage:12s} {'ok' if c['ok'] else 'x '} {c['seconds'] or 0:6.1f}s "
-                      f"{'' if c['ok'] else c['reason']}", flush=True)
-                out.with_suffix(".json").write_text(json.dumps(results, indent=1))
-            del runs
+    path = out.with_suffix(".json")
+    if not args.resume:
+        path.write_text("{}")
+    # each model in its own process: the memory a conversion leaves behind goes with it, and a
+    # model that crashes or is killed (out of memory) costs its own cells only
+    for name in names:
+        code = subprocess.run([sys.executable, __file__, "--one", "--size", args.size, "--models", name,
+                               "--stages", ",".join(stages), "--out", str(out),
+                               *(["--threads", str(args.threads)] if args.threads else [])]).returncode
+        results = json.loads(path.read_text())
+        for stage in stages if code else ():
+            if stage not in results.get(name, {}):
+                why = " (killed: out of memory?)" if code == -9 else ""
+                results.setdefault(name, {})[stage] = {"ok": False, "seconds": None,
+                                                       "reason": f"crash: its process exited with {code}{why}"}
+        path.write_text(json.dumps(results, indent=1))
+    results = json.loads(path.read_text())
     results = {n: {s: results[n][s] for s in STAGES if s in results[n]} for n in zoo if n in results}
     out.write_text(markdown(results, args.size))
     picture(results, out.with_suffix(".png"))
-    print(f"wrote {out}, {out.with_suffix('.json').name}, {out.with_suffix('.png').name}")
+    print(f"wrote {out}, {path.name}, {out.with_suffix('.png').name}")
 
 
 if __name__ == "__main__":

@@ -16,9 +16,7 @@ from .plugins import Registry, load_plugins
 from .passmanager import PassRecord, PipelineRun, run_pipeline
 from .driver import RunResult, optimize
 
-__all__ = [
-    "Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError", "Metrics", "NamedPipeline",
-    "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult", "Pipeline", "PipelineError",
-    "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance", "UsageError", "capture", "compare", "hookimpl",
-    "load_plugins", "optimize", "parse_pipeline", "run_pipeline",
-]
+__all__ = ["Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError", "Metrics",
+           "NamedPipeline", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult", "Pipeline",
+           "PipelineError", "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance", "UsageError", "capture",
+           "compare", "hookimpl", "load_plugins", "optimize", "parse_pipeline", "run_pipeline"]

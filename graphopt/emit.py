@@ -1,7 +1,6 @@
-"""The emitter contract: ``emit(graph, options, out_dir) -> Artifact`` and ``load(artifact,
-threads=None) -> runner``; a runner takes and returns torch-layout tensors, so one verification
-path serves every format. Helpers every emitter shares: ``provenance``, ``as_inputs``,
-``to_channels_last``/``to_channels_first``, ``write_atomic``, ``captured_output``."""
+"""The emitter contract: ``emit(graph, options, out_dir) -> Artifact`` and ``load(artifact, threads=None) ->
+runner``; a runner takes and returns torch-layout tensors, so one verification path serves every format. Helpers:
+``provenance``, ``as_inputs``, ``to_channels_last``/``to_channels_first``, ``write_atomic``, ``captured_output``."""
 from __future__ import annotations
 
 import contextlib

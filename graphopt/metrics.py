@@ -6,7 +6,7 @@ goes through :func:`compare` and judges the result with a :class:`Tolerance`.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Sequence
 
 import torch
@@ -54,6 +54,10 @@ class Tolerance:
             out.append(f"top-1 agreement {m.top1:.3f} < {self.min_top1:g}")
         return out
 
+    def above(self, noise: float) -> "Tolerance":
+        """``max_rel`` raised to 4x ``noise``, a model's own fp32 rounding error (``Graph.fp32_noise``)."""
+        return self if self.max_rel is None or self.max_rel >= 4 * noise else replace(self, max_rel=4 * noise)
+
     @classmethod
     def from_dict(cls, d: dict) -> "Tolerance":
         unknown = set(d) - set(cls.__dataclass_fields__)
@@ -68,10 +72,8 @@ class Tolerance:
 
 def _one(ref: torch.Tensor, act: torch.Tensor) -> Metrics:
     if tuple(ref.shape) != tuple(act.shape):
-        raise ValueError(f"output shape {tuple(act.shape)} differs from the reference "
-                         f"{tuple(ref.shape)}")
-    r = ref.detach().to(torch.float64).reshape(-1)
-    a = act.detach().to(torch.float64).reshape(-1)
+        raise ValueError(f"output shape {tuple(act.shape)} differs from the reference {tuple(ref.shape)}")
+    r, a = (t.detach().to(torch.float64).reshape(-1) for t in (ref, act))
     if r.numel() == 0:
         return Metrics(0.0, 0.0, 1.0, math.inf, None)
     if not torch.isfinite(a).all():
@@ -100,11 +102,5 @@ def compare(reference: Sequence[torch.Tensor], actual: Sequence[torch.Tensor]) -
 def worst(parts: Sequence[Metrics]) -> Metrics:
     """The worst value of each metric over several comparisons (outputs, or inputs)."""
     top1s = [p.top1 for p in parts if p.top1 is not None]
-    return Metrics(
-        max_abs=max(p.max_abs for p in parts),
-        max_rel=max(p.max_rel for p in parts),
-        cosine=min(p.cosine for p in parts),
-        sqnr_db=min(p.sqnr_db for p in parts),
-        top1=min(top1s) if top1s else None,
-        finite=all(p.finite for p in parts),
-    )
+    return Metrics(max(p.max_abs for p in parts), max(p.max_rel for p in parts), min(p.cosine for p in parts),
+                   min(p.sqnr_db for p in parts), min(top1s) if top1s else None, all(p.finite for p in parts))

@@ -1,10 +1,8 @@
-"""Runs a pipeline: each pass on a copy of the graph, verified before it is accepted.
-
-verify-each: after every pass, lint + recompile + run on the example inputs and the graph's
-``check_inputs``, and compare with the graph before it under the pass's tolerance (structural
-passes: against their oracle; trained passes: only output count, shapes and finiteness). A failing pass leaves the graph
-as it was; the error names the pass, the passes before it and the first diverging node. The
-numerical effect of each pass that changed the graph decides ``Graph.precision``, once."""
+"""Runs a pipeline: each pass on a copy of the graph, verified before it is accepted. verify-each: after every
+pass, lint + recompile + run on the example inputs and ``check_inputs``, and compare with the graph before it under
+the pass's tolerance, never below the model's own fp32 rounding (structural passes: against their oracle; trained
+passes: output count, shapes and finiteness). A failing pass leaves the graph as it was; the error names the pass, the
+passes before it and the first diverging node. Each pass that changed the graph decides ``Graph.precision``, once."""
 from __future__ import annotations
 
 import copy
@@ -94,12 +92,12 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequ
     return None
 
 
-def _tolerance(spec: Pass, graph: Graph) -> Tolerance:
-    """The pass's tolerance (its own, else its effect's); an exact rewrite of a graph already in
-    fp16 is judged at fp16 tolerance, since fp16 rounding of a re-associated sum is not its fault."""
+def _tolerance(spec: Pass, graph: Graph, noise: float) -> Tolerance:
+    """The pass's own tolerance as given, else its effect's, raised above the model's fp32 rounding ``noise``;
+    an exact rewrite of an fp16 graph is judged at fp16 tolerance (fp16 rounding of a re-associated sum)."""
     if spec.effect is Effect.EXACT and graph.precision == "fp16":
         return Effect.FP16.tolerance
-    return spec.tolerance or spec.effect.tolerance
+    return spec.tolerance or spec.effect.tolerance.above(noise)
 
 
 def _fail(spec: Pass, done: list[str], message: str, node: str | None = None) -> PassError:
@@ -139,6 +137,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
                             *(current.run(x) for _, x in current.check_inputs)]
     records: list[PassRecord] = []
     done: list[str] = []
+    noise = current.fp32_noise() if verify else 0.0
     for (spec, options), item in zip(steps, pipe.items):
         work = copy.deepcopy(current.module)
         ctx = PassContext(options=options, graph=current.replace(work), data=data, registry=registry)
@@ -164,7 +163,7 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
                 metrics = compare(expected, after)
             except Exception as exc:
                 raise _fail(spec, done, f"could not be verified: {exc}") from exc
-            tolerance = _tolerance(spec, current)
+            tolerance = _tolerance(spec, current, noise)
             problems = tolerance.violations(metrics)
             if problems:
                 node = None if spec.effect is Effect.STRUCTURAL else first_divergence(

@@ -35,18 +35,17 @@ def calibration_batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
     return batches
 
 
-def _values(gm: fx.GraphModule, batches, nodes: set[str]) -> list[dict[str, torch.Tensor]]:
-    """The values of the named nodes for every batch."""
-    out = []
-    for batch in batches:
-        seen: dict[str, torch.Tensor] = {}
+def _observe(gm: fx.GraphModule, batches, names: set[str], kind: str) -> dict[str, Observer]:
+    """An observer per named node, fed the node's value on every batch as it is computed (before
+    any later in-place op); no value is kept beyond what the observer needs (minmax: two numbers)."""
+    observers = {name: Observer(kind) for name in names}
 
-        def record(n, v):
-            if n.name in nodes and isinstance(v, torch.Tensor):
-                seen[n.name] = v.detach().clone()        # a later in-place op must not change it
+    def record(n, v):
+        if n.name in observers and isinstance(v, torch.Tensor):
+            observers[n.name].observe(v)
+    for batch in batches:
         annotate(gm, batch, record=record)
-        out.append(seen)
-    return out
+    return observers
 
 
 def _sqnr(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
@@ -57,21 +56,21 @@ def _sqnr(ref: list[torch.Tensor], got: list[torch.Tensor]) -> float:
 
 
 class Calibrated:
-    """The fp32 graph's values on the calibration data, observed once per value."""
+    """The fp32 graph's outputs on the calibration data, and its values observed once per value:
+    a node's range is calibrated the first time a plan asks for it (one pass over the batches for
+    all the nodes first asked for together), not stored (every value of ViT-B/16 on 16 batches is
+    6 GB)."""
 
     def __init__(self, gm: fx.GraphModule, batches, observer: str, activations: str):
         self.gm, self.batches, self.observer, self.activations = gm, batches, observer, activations
-        self.values = _values(gm, batches, {n.name for n in gm.graph.nodes})
         with torch.no_grad():
             self.outputs = [flatten_outputs(gm(*b)) for b in batches]
         self._ranges: dict[str, QParams] = {}
 
     def qparams(self, names) -> dict[str, QParams]:
-        for name in names:
-            if name not in self._ranges:
-                obs = Observer(self.observer)
-                for values in self.values:
-                    obs.observe(values[name])
+        missing = {n for n in names if n not in self._ranges}
+        if missing:
+            for name, obs in _observe(self.gm, self.batches, missing, self.observer).items():
                 self._ranges[name] = qparams(*obs.range(), self.activations)
         return {n: self._ranges[n] for n in names}
 

@@ -52,7 +52,7 @@ class Observer:
             self.avg = (lo, hi) if self.avg is None else (self.avg[0] + 0.01 * (lo - self.avg[0]),
                                                           self.avg[1] + 0.01 * (hi - self.avg[1]))
         elif self.kind != "minmax":
-            self.values.append(x.flatten().numpy())
+            self.values.append(x.flatten().numpy().copy())    # the tensor may be changed in place later
 
     def range(self) -> tuple[float, float]:
         if self.kind == "minmax":
