@@ -3,12 +3,14 @@ format in fp32, fp16 TFLite, pruned, and int8 to every format, each artifact ver
 driver; a matrix of what went through (cosine against the optimized graph, file size, seconds)
 and, for what did not, the one-line reason.
 
-    .venv/bin/python bench/sweep.py [--size small|full] [--models resnet,vit,...] [--stages ...] [--out F] [--resume]
+    .venv/bin/python bench/sweep.py [--size small|full] [--models resnet,vit,...] [--stages ...] [--threads N]
+        [--out F] [--resume]
 
-Writes the markdown matrix (``--out``), a JSON of every cell beside it and a picture
-(``.png``). Small variants take about a minute each here, full-size ones several minutes
-(TFLite conversion and int8 calibration dominate). Each model runs in its own process; a pipeline is run once per model and shared by the stages it serves (the int8 formats share one
-quantization; the pte stages continue it with a partition); a failure costs its cells only.
+Writes the markdown matrix (``--out``), a JSON of every cell beside it and a picture (``.png``).
+Small variants take about a minute each here, full-size ones 5-40 minutes (TFLite conversion and
+int8 calibration dominate). Each model runs in its own process, so a crash or an out-of-memory kill
+costs its cells only; a pipeline is run once per model and shared by the stages it serves (the int8
+formats share one quantization; the pte stages continue it with a partition).
 """
 from __future__ import annotations
 
