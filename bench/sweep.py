@@ -62,6 +62,12 @@ def models(size: str) -> dict:
             "mobilenet_v3": ZOO["mobilenet_v3"], **TRANSFORMER_FULL}
 
 
+def _reason(exc: Exception) -> str:
+    """A cell's one-line reason: graphopt's own error as it is, anything else marked as a crash."""
+    crash = "" if isinstance(exc, graphopt.GraphoptError) else f"crash: {type(exc).__name__}: "
+    return crash + first_line(exc)
+
+
 class Runs:
     """One model's pipeline runs, shared: a stage whose pipeline extends one already run (the pte
     stages add a partition; the int8 formats share one quantization) continues from that graph."""
@@ -95,8 +101,7 @@ class Runs:
                 quantized["fp32_layers"] = len(stats["fp32_layers"])
             self.done[pipeline] = (graph, references, seconds, quantized)
         except Exception as exc:   # a crash is a finding too: report it, go on
-            kind = "" if isinstance(exc, graphopt.GraphoptError) else f"crash: {type(exc).__name__}: "
-            self.done[pipeline] = kind + first_line(exc)
+            self.done[pipeline] = _reason(exc)
         return self.done[pipeline]
 
 
@@ -112,8 +117,7 @@ def cell(runs: Runs, stage: str, out: Path) -> dict:
     try:
         (check,) = emit_all(graph, select_emitters(runs.registry, fmt), out, references, runs.registry)
     except Exception as exc:
-        kind = "" if isinstance(exc, graphopt.GraphoptError) else f"crash: {type(exc).__name__}: "
-        return {"ok": False, "reason": kind + first_line(exc), "pass_seconds": round(pass_seconds, 1),
+        return {"ok": False, "reason": _reason(exc), "pass_seconds": round(pass_seconds, 1),
                 "seconds": round(pass_seconds + time.perf_counter() - start, 1)}
     return {"ok": check.verified, "reason": "; ".join(check.problems) or None, "cosine": check.vs_graph.cosine,
             "bytes": check.bytes, "route": check.artifact.meta.get("route"), "pass_seconds": round(pass_seconds, 1),
