@@ -101,11 +101,13 @@ def check_inputs(example: Sequence[torch.Tensor], count: int, samples: Sequence 
     return (*shuffled, *((f"calibration {i + 1}", s) for i, s in enumerate(picked)))
 
 
-def int8_tolerance(tolerance: Tolerance, gm: torch.fx.GraphModule) -> Tolerance:
-    """``tolerance`` and, when every output of ``gm`` comes straight from a fake quant, at most
-    INT8_STEPS of the coarsest output's quantization step (what cosine and SQNR cannot see)."""
-    step = output_step(gm)
-    return tolerance if step is None else replace(tolerance, max_abs=INT8_STEPS * step)
+def int8_tolerance(tolerance: Tolerance, graph: Graph) -> Tolerance:
+    """``tolerance`` and, when every output comes straight from a fake quant, a max abs error of INT8_STEPS of the
+    coarsest output's quantization step (what cosine and SQNR cannot see), or 2x the graph's own int8 rounding
+    (``Graph.rounding_noise``) where a deep graph's is more."""
+    step = output_step(graph.module)
+    return tolerance if step is None else replace(tolerance, max_abs=max(INT8_STEPS * step,
+                                                                         2 * graph.rounding_noise("int8")))
 
 
 def check_artifact(emitter: Emitter, artifact: Artifact, cases: Sequence[Case], tolerance: Tolerance) -> ArtifactCheck:
@@ -163,7 +165,7 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path,
     out_dir, say = Path(out_dir), progress or (lambda text: None)
     created, checks = not out_dir.exists(), []
     references = reference if isinstance(reference, dict) else {"example": reference}
-    noise, cases = graph.fp32_noise(), [(k, x, graph.run(x), references.get(k)) for k, x in graph.input_sets]
+    noise, cases = graph.rounding_noise(), [(k, x, graph.run(x), references.get(k)) for k, x in graph.input_sets]
     try:
         with staging_dir(out_dir) as stage:
             for emitter, options in requests:
@@ -172,8 +174,9 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path,
                 say(f"verifying {emitter.format} in its runtime")
                 # judged by the precision the emitter wrote (an fp16 graph gives an fp16 file), else asked for
                 precision = artifact.meta.get("precision", options.get("precision", "fp32"))
-                tolerance = emitter.tolerance_for({**options, "precision": precision}).above(noise)
-                tolerance = int8_tolerance(tolerance, graph.module) if precision == "int8" else tolerance
+                tolerance = emitter.tolerance_for({**options, "precision": precision})
+                tolerance = tolerance.above(graph.rounding_noise("fp16"), 2) if precision == "fp16" else tolerance.above(noise)
+                tolerance = int8_tolerance(tolerance, graph) if precision == "int8" else tolerance
                 checks.append(check_artifact(emitter, artifact, cases, tolerance))
             names = [c.artifact.path.name for c in checks]
             if len(set(names)) != len(names):

@@ -6,8 +6,6 @@ convolutions) but has its own forward, so passes that fold into the layer's weig
 alone. Traced: the layer's op, then ``relu_``, ``hardtanh_`` or ``hardswish_``; in ONNX: the layer, the activation."""
 from __future__ import annotations
 
-import copy
-
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,14 +57,3 @@ class AddReLU(nn.Module):
 
 
 FUSED = {nn.Conv1d: FusedConv1d, nn.Conv2d: FusedConv2d, nn.Conv3d: FusedConv3d, nn.Linear: FusedLinear}
-
-
-def fused_layer(layer: nn.Module, act: nn.Module, bn: nn.Module | None = None) -> nn.Module:
-    """A fused copy of ``layer`` (a plain Conv1d/2d/3d or Linear) computing ``act(bn(layer(x)))``;
-    ``act`` should work in place (``inplace=True``): it only ever sees the layer's output."""
-    fused = copy.deepcopy(layer)
-    base = next(c for c in type(layer).__mro__ if c in FUSED)
-    fused.__class__ = FUSED[base]   # the same attributes and parameters, the fused forward
-    fused.bn = copy.deepcopy(bn) if bn is not None else nn.Identity()
-    fused.act = act
-    return fused

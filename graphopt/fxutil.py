@@ -1,5 +1,5 @@
 """fx facts and edits the built-in passes share: how a node reads in an explanation, which arithmetic it does,
-whether it has side effects, who else uses a module, a free attribute name, erasing what nothing reads any more."""
+whether it has side effects, a free attribute name, erasing what nothing reads any more."""
 from __future__ import annotations
 
 import operator
@@ -43,13 +43,6 @@ def writes_in_place(gm: fx.GraphModule, node: fx.Node) -> bool:
         return True
     args = node.normalized_arguments(gm, normalize_to_only_use_kwargs=True) if node.op == "call_function" else None
     return args is not None and args.kwargs.get("inplace") is True
-
-
-def other_uses(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> list[str]:
-    """Nodes other than ``node`` that call ``module`` or read one of its parameters."""
-    owners = {n: n.target if n.op == "call_module" else n.target.rpartition(".")[0]   # the module called or read
-              for n in gm.graph.nodes if n is not node and n.op in ("call_module", "get_attr")}
-    return [n.name for n, owner in owners.items() if gm.get_submodule(owner) is module]
 
 
 def free_name(module: nn.Module, base: str) -> str:

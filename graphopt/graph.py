@@ -5,6 +5,7 @@ torch.utils.flop_counter; attention in its math form, which fused kernels do not
 from __future__ import annotations
 
 import copy
+import math
 import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable, Sequence
@@ -18,6 +19,7 @@ from torch.utils._pytree import tree_flatten
 from torch.utils.flop_counter import FlopCounterMode
 
 from .metrics import compare
+from .quant import FAKE_QUANT, is_fake_quant
 
 
 def flatten_outputs(out: Any) -> list[torch.Tensor]:
@@ -62,15 +64,22 @@ class Graph:
         with torch.no_grad():
             return flatten_outputs(self.module(*(inputs if inputs is not None else self.example_inputs)))
 
-    def fp32_noise(self) -> float:
-        """Its own fp32 rounding error (0 unless fp32): the worst relative distance of its outputs from a float64
-        run over ``input_sets``. Exact rewrites and fp32 runtimes are judged above it (ResNeXt-50: 1.8e-5)."""
-        try:
-            wide = copy.deepcopy(self.module).double() if self.precision == "fp32" else None
+    def rounding_noise(self, precision: str = "fp32") -> float:
+        """How far its own rounding takes its outputs, over ``input_sets``. fp32: the worst relative distance from a
+        float64 run (0 unless fp32; ResNeXt-50: 1.8e-5); fp16: from a float64 run rounding weights and every value to
+        half, the fp16 model it stands for (ResNeXt-50: 2.6e-2; torch's fp16: 0.8-1.3x that); int8: the worst max abs
+        distance from a run where each activation quantizer rounds each value to either neighbouring step, the nearer
+        more often, as an int8 runtime's rounding may (full ShuffleNetV2: 17 output steps, its TFLite 16)."""
+        try:   # int8: the graph itself; else a float64 copy of an fp32 graph (fp16: its weights rounded to half first)
+            wide = copy.deepcopy(self.module) if self.precision == "fp32" and precision != "int8" else None
+            model = self.module if precision == "int8" else (wide.half() if precision == "fp16" else wide).double()
+            run, cast = model if precision == "fp32" else _Rounded(model, precision).run, precision != "int8"
             with torch.no_grad():
-                return max(compare(flatten_outputs(wide(*(t.double() if t.is_floating_point() else t for t in x))),
-                                   self.run(x)).max_rel for _, x in self.input_sets)
-        except Exception:   # not fp32 (wide is None), or an op without float64 kernels
+                far = [compare(flatten_outputs(run(*(t.double() if cast and t.is_floating_point() else t for t in x))),
+                               self.run(x)) for _, x in self.input_sets]
+            noise = max(m.max_rel if cast else m.max_abs for m in far)
+            return noise if math.isfinite(noise) else 0.0   # an fp16 overflow: its own verification finds it
+        except Exception:   # fp32/fp16 of a graph not in fp32 (wide is None), or an op without float64 kernels
             return 0.0
 
     def replace(self, module: fx.GraphModule) -> "Graph":
@@ -99,10 +108,6 @@ def _compute_nodes(gm: fx.GraphModule) -> int:
                for n in gm.graph.nodes)
 
 
-def _attention(node: fx.Node, module: nn.Module | None) -> bool:
-    return isinstance(module, nn.MultiheadAttention) or node.target is F.scaled_dot_product_attention
-
-
 def _counted(run: Callable[[], Any]) -> tuple[Any, int]:
     """``run()``'s result and its multiply-accumulates (half the FLOPs torch's counter sees)."""
     with FlopCounterMode(display=False) as counter:
@@ -125,7 +130,8 @@ class _Annotator(fx.Interpreter):
             macs = sum(int(m.meta.get("graphopt.macs", 0)) for m in module.graph.nodes)
         else:
             result, macs = _counted(lambda: super(_Annotator, self).run_node(n))
-            if not macs and _attention(n, module):    # fused kernels report nothing: count the math form
+            if not macs and (isinstance(module, nn.MultiheadAttention) or n.target is F.scaled_dot_product_attention):
+                # fused attention kernels report nothing: count the math form
                 fastpath = torch.backends.mha.get_fastpath_enabled()
                 torch.backends.mha.set_fastpath_enabled(False)
                 try:
@@ -141,11 +147,24 @@ class _Annotator(fx.Interpreter):
         return result
 
 
+class _Rounded(fx.Interpreter):
+    """A run redoing its rounding: fp16, every float64 value to half; int8, each activation quantizer stochastically."""
+
+    def __init__(self, gm: fx.GraphModule, precision: str):
+        super().__init__(gm)
+        self.precision, self.gen = precision, torch.Generator().manual_seed(0)
+
+    def run_node(self, n: fx.Node) -> Any:
+        if self.precision == "int8" and is_fake_quant(n):
+            (x, scale, *rest), _ = self.fetch_args_kwargs_from_env(n)
+            return FAKE_QUANT(x + (torch.rand(x.shape, generator=self.gen) - 0.5) * scale, scale, *rest)
+        value = super().run_node(n)
+        return value.half().double() if isinstance(value, torch.Tensor) and value.dtype == torch.float64 else value
+
+
 def annotate(gm: fx.GraphModule, inputs: Sequence[torch.Tensor],
              record: Callable[[fx.Node, Any], None] | None = None) -> list[torch.Tensor]:
-    """Fill ``graphopt.shape/dtype/macs`` on every node; returns the flattened outputs.
-
-    ``record(node, value)``, when given, sees every node's value as it is computed.
-    """
+    """Fill ``graphopt.shape/dtype/macs`` on every node; returns the flattened outputs. ``record(node, value)``,
+    when given, sees every node's value as it is computed."""
     with torch.no_grad():
         return flatten_outputs(_Annotator(gm, record).run(*inputs))

@@ -1,8 +1,5 @@
-"""The one place that measures how far outputs are from a reference.
-
-Every comparison in graphopt (verify-each, artifact verification, golden checks, bench)
-goes through :func:`compare` and judges the result with a :class:`Tolerance`.
-"""
+"""The one place that measures how far outputs are from a reference: every comparison in graphopt (verify-each,
+artifact verification, golden checks, bench) goes through :func:`compare` and judges it with a :class:`Tolerance`."""
 from __future__ import annotations
 
 import math
@@ -54,16 +51,15 @@ class Tolerance:
             out.append(f"top-1 agreement {m.top1:.3f} < {self.min_top1:g}")
         return out
 
-    def above(self, noise: float) -> "Tolerance":
-        """``max_rel`` raised to 4x ``noise``, a model's own fp32 rounding error (``Graph.fp32_noise``)."""
-        return self if self.max_rel is None or self.max_rel >= 4 * noise else replace(self, max_rel=4 * noise)
+    def above(self, noise: float, times: float = 4) -> "Tolerance":
+        """``max_rel`` raised to ``times`` ``noise``, a model's own rounding error (``Graph.rounding_noise``)."""
+        return self if self.max_rel is None or self.max_rel >= times * noise else replace(self, max_rel=times * noise)
 
     @classmethod
     def from_dict(cls, d: dict) -> "Tolerance":
         unknown = set(d) - set(cls.__dataclass_fields__)
         if unknown:
-            raise ValueError(f"unknown tolerance keys {sorted(unknown)}; "
-                             f"valid: {sorted(cls.__dataclass_fields__)}")
+            raise ValueError(f"unknown tolerance keys {sorted(unknown)}; valid: {sorted(cls.__dataclass_fields__)}")
         return cls(**d)
 
     def as_dict(self) -> dict:

@@ -3,6 +3,7 @@ activation => FusedLinear; add -> ReLU => AddReLU. The fused node's meta["grapho
 says what it holds, e.g. "conv+relu"."""
 from __future__ import annotations
 
+import copy
 import operator
 
 import torch
@@ -12,15 +13,26 @@ import torch.nn.functional as F
 
 import graphopt
 from graphopt import Effect, Pass
-from graphopt.fused import FUSED, AddReLU, fused_layer
-from graphopt.fxutil import describe, free_name, other_uses
+from graphopt.fused import FUSED, AddReLU
+from graphopt.fxutil import describe, free_name
 from graphopt.rewrite import Builder, Rewrite, argument, calls, rewrite_pass
 
-from .layers import plain_base, why_not_absorbed
+from .layers import other_uses, plain_base, why_not_absorbed
 
 _FUNCTIONS = {F.relu: "relu", torch.relu: "relu", torch.relu_: "relu", F.relu6: "relu6",
               F.hardtanh: "hardtanh", F.hardswish: "hardswish"}
 _ADDS = (operator.add, torch.add)
+
+
+def fused_layer(layer: nn.Module, act: nn.Module, bn: nn.Module | None = None) -> nn.Module:
+    """A fused copy of ``layer`` (a plain Conv1d/2d/3d or Linear) computing ``act(bn(layer(x)))``;
+    ``act`` should work in place (``inplace=True``): it only ever sees the layer's output."""
+    fused = copy.deepcopy(layer)
+    base = next(c for c in type(layer).__mro__ if c in FUSED)
+    fused.__class__ = FUSED[base]   # the same attributes and parameters, the fused forward
+    fused.bn = copy.deepcopy(bn) if bn is not None else nn.Identity()
+    fused.act = act
+    return fused
 
 
 def _activation(gm: fx.GraphModule, node: fx.Node) -> tuple[str, nn.Module] | None:

@@ -1,5 +1,5 @@
-"""Conv, ConvTranspose and Linear layers for the passes that rewrite them: which are plain,
-why a layer node cannot absorb what follows it, and a copy with a per-channel affine folded in."""
+"""Conv, ConvTranspose and Linear layers for the passes that rewrite them: which are plain, who else
+uses one, why a layer node cannot absorb what follows it, and a copy with a per-channel affine folded in."""
 from __future__ import annotations
 
 import copy
@@ -8,10 +8,17 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphopt.fxutil import describe, other_uses
+from graphopt.fxutil import describe
 
 LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d,
           nn.Linear)
+
+
+def other_uses(gm: fx.GraphModule, node: fx.Node, module: nn.Module) -> list[str]:
+    """Nodes other than ``node`` that call ``module`` or read one of its parameters."""
+    owners = {n: n.target if n.op == "call_module" else n.target.rpartition(".")[0]   # the module called or read
+              for n in gm.graph.nodes if n is not node and n.op in ("call_module", "get_attr")}
+    return [n.name for n, owner in owners.items() if gm.get_submodule(owner) is module]
 
 
 def plain_base(module: nn.Module) -> type | None:

@@ -11,10 +11,9 @@ import torch.nn as nn
 
 import graphopt
 from graphopt import Effect, Pass
-from graphopt.fxutil import other_uses
 from graphopt.rewrite import Builder, Rewrite, rewrite_pass, shape
 
-from .layers import plain_base, why_not_absorbed
+from .layers import other_uses, plain_base, why_not_absorbed
 
 
 def _is_linear(gm: fx.GraphModule, value) -> bool:

@@ -26,8 +26,9 @@ OPTIONS = (
     Option("prefer", str, "speed", "speed: keep in fp32 the layers int8 does not speed up in onnxruntime "
                                    "(measured); size: quantize every layer", ("speed", "size")),
     Option("target_cosine", float, 0.995, "keep the most sensitive layers in fp32 until the outputs' cosine "
-                                          "vs fp32 on every calibration batch reaches this (0: off; the default "
-                                          "leaves a margin over the 0.99 the pass is verified at)"),
+                                          "vs fp32 on every calibration batch and every input the pass is "
+                                          "verified on reaches this (0: off; the default leaves a margin over "
+                                          "the 0.99 the pass is verified at)"),
 )
 
 
@@ -45,7 +46,8 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     for name in unfuse_activations(gm):
         ctx.explain(f"{name}: activation split from the layer, int8 kernels do not fuse it")
     annotate(gm, ctx.example_inputs)
-    cal = Calibrated(gm, batches, o["observer"], o["activations"])
+    held = [tuple(ctx.example_inputs), *(x for _, x in ctx.graph.check_inputs)]   # what it is verified on
+    cal = Calibrated(gm, batches, o["observer"], o["activations"], held)
     patterns = [t.strip() for t in o["exclude"].split(",") if t.strip()]
     excluded = slow_layers(cal, patterns, ctx) if o["prefer"] == "speed" else {}
     (work, p, _, db, cosine), ranked = keep_for_accuracy(cal, patterns, excluded, o["target_cosine"], ctx)

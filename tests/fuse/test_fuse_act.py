@@ -110,7 +110,7 @@ def test_fold_bn_leaves_a_fused_conv_alone(registry):
 
 
 def test_fused_module_is_the_layer_with_an_in_place_activation():
-    from graphopt.fused import fused_layer
+    from graphopt_plugins.fuse.fuse_act import fused_layer
 
     conv, bn = nn.Conv2d(3, 4, 3), randomize_bn(nn.BatchNorm2d(4))
     fused = fused_layer(conv, nn.ReLU6(inplace=True), bn).eval()

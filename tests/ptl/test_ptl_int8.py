@@ -18,7 +18,7 @@ from graphopt.driver import optimize
 from graphopt.testing import assert_close
 import graphopt_plugins.ptl as ptl_emitter
 import graphopt_plugins.ptl.int8 as ptl_int8
-from graphopt.fused import fused_layer
+from graphopt_plugins.fuse.fuse_act import fused_layer
 from graphopt.quant import quantize_weight, weight_quant
 from zoo import ZOO
 from zoo.cnn import _init_weights, tiny_resnet

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn as nn
 
 import graphopt
 from graphopt import Effect, Pass, PassResult
@@ -79,8 +80,8 @@ def test_every_format_refuses_a_corrupted_int8_artifact(fmt, quantized, registry
         assert artifact.meta["precision"] == "int8"
         cases = [(label, x, graph.run(x), quantized.pipeline.references[label]) for label, x in graph.input_sets]
         assert len(cases) == 1 + 3 + 3      # the example, 3 shuffles of it, 3 of the 8 calibration samples
-        tolerance = int8_tolerance(emitter.tolerance_for({"precision": "int8"}), graph.module)
-        assert tolerance.max_abs == INT8_STEPS * output_step(graph.module)
+        tolerance = int8_tolerance(emitter.tolerance_for({"precision": "int8"}), graph)
+        assert 2 * graph.rounding_noise("int8") < tolerance.max_abs == INT8_STEPS * output_step(graph.module)
         honest = check_artifact(emitter, artifact, cases, tolerance)
         assert honest.verified and honest.inputs == len(cases), honest.problems
         load = emitter.load
@@ -97,3 +98,16 @@ def test_every_format_refuses_a_corrupted_int8_artifact(fmt, quantized, registry
         check = check_artifact(nudged, artifact, cases, tolerance)
         assert check.vs_graph.cosine > 0.99 and check.vs_graph.sqnr_db > 14 and not check.verified
         assert check.problems[0].startswith("max abs error") and "(on the example input)" in check.problems[0]
+
+
+def test_int8_rounding_noise_is_what_rounding_the_other_way_does(quantized):
+    """Stochastic rounding moves a quantized output by at most one step; through a network, by a few."""
+    graph, step = quantized.graph, output_step(quantized.graph.module)
+    assert 0 < graph.rounding_noise("int8") < INT8_STEPS * step / 2
+    gm = graphopt.capture(nn.Sequential(nn.Identity()), (torch.randn(1, 64),)).module
+    with gm.graph.inserting_before(out := next(n for n in gm.graph.nodes if n.op == "output")):
+        out.args = (gm.graph.call_function(torch.fake_quantize_per_tensor_affine, (out.args[0], 0.1, 128, 0, 255)),)
+    gm.recompile()
+    one = graphopt.Graph(gm, (torch.randn(1, 64),), meta={"precision": "int8"})
+    assert 0.05 < one.rounding_noise("int8") <= 0.1 + 1e-6   # half a step to one step
+    assert one.rounding_noise("int8") == one.rounding_noise("int8")   # seeded

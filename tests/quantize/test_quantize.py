@@ -14,6 +14,7 @@ from torch.nn.utils import parametrize
 from conftest import ROOT
 from graphopt.capture import capture
 from graphopt.errors import PassError
+from graphopt.metrics import compare
 from graphopt.passmanager import run_pipeline
 from graphopt.quant import activation_qparams, is_fake_quant, weight_quant
 from graphopt_plugins.quantize.observers import OBSERVERS, Observer, qparams
@@ -273,3 +274,24 @@ def test_prefer_speed_follows_the_timings_it_is_given(registry, monkeypatch, who
     expected = {"slow": sorted(slow), "none": [], "all": sorted(stats["timings_ms"])}[kept]
     assert len(slow) == 2 and sorted(stats["fp32_layers"]) == expected
     assert stats["int8_layers"] == 16 - len(expected)
+
+
+def test_target_cosine_holds_on_the_inputs_the_pass_is_verified_on(registry):
+    """minmax ranges fit the calibration batches; an example 3x wider is clipped by them. Scored on the
+    calibration batches alone, every layer int8 meets 0.995 and the example sits below it; scored on
+    the example too (not calibrated on), quantize keeps layers in fp32 until the example meets it."""
+    from graphopt_plugins.quantize.calibrate import Calibrated
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 4)).eval()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(1, 3, 8, 8, generator=gen) * 3
+    calib = [torch.randn(1, 3, 8, 8, generator=gen) for _ in range(6)]
+    graph = capture(model, (x,))
+    every = Calibrated(graph.module, [(c,) for c in calib], "minmax", "uint8").quantized([], {})
+    assert every[4] > 0.9999 and compare(graph.run(), [every[0](x)]).cosine < 0.995
+    run = run_pipeline(graph, "quantize(prefer=size)", registry, data={"calibration": calib})
+    stats = run.records[-1].stats
+    assert stats["fp32_layers"] and stats["int8_layers"] >= 1
+    assert compare(graph.run(), run.graph.run()).cosine >= 0.995 <= stats["cosine_calibration"]
