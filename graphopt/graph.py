@@ -67,9 +67,11 @@ class Graph:
     def rounding_noise(self, precision: str = "fp32") -> float:
         """How far its own rounding takes its outputs, over ``input_sets``. fp32: the worst relative distance from a
         float64 run (0 unless fp32; ResNeXt-50: 1.8e-5); fp16: from a float64 run rounding weights and every value to
-        half, the fp16 model it stands for (ResNeXt-50: 2.6e-2; torch's fp16: 0.8-1.3x that); int8: the worst max abs
-        distance from a run where each activation quantizer rounds each value to either neighbouring step, the nearer
-        more often, as an int8 runtime's rounding may (full ShuffleNetV2: 17 output steps, its TFLite 16)."""
+        half, the fp16 model it stands for (ResNeXt-50: 2.6e-2; torch's fp16: 0.8-1.3x that), kept by the fp16 graph
+        made from it; int8: the worst max abs distance from a run where each activation quantizer rounds each value to
+        either neighbouring step, the nearer more often, as an int8 runtime may (full ShuffleNetV2: 17 output steps)."""
+        if precision == "fp16" and self.precision == "fp16":   # measured on the fp32 graph it was made from
+            return self.meta.get("fp16_noise", 0.0)
         try:   # int8: the graph itself; else a float64 copy of an fp32 graph (fp16: its weights rounded to half first)
             wide = copy.deepcopy(self.module) if self.precision == "fp32" and precision != "int8" else None
             model = self.module if precision == "int8" else (wide.half() if precision == "fp16" else wide).double()
@@ -78,7 +80,9 @@ class Graph:
                 far = [compare(flatten_outputs(run(*(t.double() if cast and t.is_floating_point() else t for t in x))),
                                self.run(x)) for _, x in self.input_sets]
             noise = max(m.max_rel if cast else m.max_abs for m in far)
-            return noise if math.isfinite(noise) else 0.0   # an fp16 overflow: its own verification finds it
+            noise = noise if math.isfinite(noise) else 0.0   # an fp16 overflow: its own verification finds it
+            self.meta.update({"fp16_noise": noise} if precision == "fp16" else {})
+            return noise
         except Exception:   # fp32/fp16 of a graph not in fp32 (wide is None), or an op without float64 kernels
             return 0.0
 

@@ -136,3 +136,13 @@ def test_an_fp16_artifact_is_judged_against_the_fp16_model_the_graph_stands_for(
     assert honest.verified and honest.vs_graph.max_rel > 1e-2, honest.problems
     (bf16,) = emit_all(graph, [(_half_artifact(torch.bfloat16), {})], tmp_path / "bf16", graph.run(), registry)
     assert not bf16.verified and bf16.problems[0].startswith("max relative error")
+
+
+def test_an_fp16_graph_keeps_the_bound_its_fp32_graph_measured(casts, registry, tmp_path):
+    """onnxruntime computes an fp16 file in fp32 here: its outputs are as far from torch's fp16 graph as
+    that graph is from fp32, and the fp16 graph (whose own float64 run cannot say so) keeps that bound."""
+    graph = graphopt.capture(Offset(), (torch.randn(1, 256, generator=torch.Generator().manual_seed(1)),))
+    run = graphopt.run_pipeline(graph, "half", casts)
+    assert run.graph.precision == "fp16" and run.graph.rounding_noise("fp16") == graph.rounding_noise("fp16")
+    (fp32,) = emit_all(run.graph, [(_half_artifact(torch.float32), {})], tmp_path, run.references, registry)
+    assert fp32.verified and fp32.vs_graph.max_rel > 1e-2, fp32.problems
