@@ -162,7 +162,8 @@ def markdown(results: dict, size: str) -> str:
                  if (q := next((c["quantize"] for c in row.values() if "quantize" in c), None))}
     if quantized:
         lines += ["The int8 stages' quantization (`quantize(prefer=size)`, its other options at their defaults): the share of the model's "
-                  "MACs that run in int8, the fake-quant graph against the fp32 model on the calibration samples, "
+                  "MACs that run in int8, the fake-quant graph against the fp32 model (the worst of the calibration samples "
+                  "and the inputs the pass is verified on), "
                   "and how many layers it kept in fp32 to meet its bound (cosine 0.995).", "",
                   "| family | int8 MACs | cosine vs fp32 | SQNR (dB) | layers kept fp32 |", "|---|---|---|---|---|",
                   *[f"| {f} | {q['int8_macs_share']:.1%} | {q['cosine_calibration']:.4f} | {q['sqnr_calibration']:.1f} "
