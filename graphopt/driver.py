@@ -3,6 +3,7 @@ in a private folder inside the output directory and moved into place only when e
 so a failed run changes nothing already there."""
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -101,13 +102,12 @@ def check_inputs(example: Sequence[torch.Tensor], count: int, samples: Sequence 
     return (*shuffled, *((f"calibration {i + 1}", s) for i, s in enumerate(picked)))
 
 
-def int8_tolerance(tolerance: Tolerance, graph: Graph) -> Tolerance:
-    """``tolerance`` and, when every output comes straight from a fake quant, a max abs error of INT8_STEPS of the
-    coarsest output's quantization step (what cosine and SQNR cannot see), or 2x the graph's own int8 rounding
-    (``Graph.rounding_noise``) where a deep graph's is more."""
-    step = output_step(graph.module)
-    return tolerance if step is None else replace(tolerance, max_abs=max(INT8_STEPS * step,
-                                                                         2 * graph.rounding_noise("int8")))
+def int8_tolerance(tolerance: Tolerance, gm: torch.fx.GraphModule, noise: float = 0.0) -> Tolerance:
+    """``tolerance`` and, when every output of ``gm`` comes straight from a fake quant, a max abs error of INT8_STEPS of
+    the coarsest output's quantization step (what cosine and SQNR cannot see), or 2x ``noise``, the graph's own int8
+    rounding (``Graph.rounding_noise``), where a deep graph's is more."""
+    step = output_step(gm)
+    return tolerance if step is None else replace(tolerance, max_abs=max(INT8_STEPS * step, 2 * noise))
 
 
 def check_artifact(emitter: Emitter, artifact: Artifact, cases: Sequence[Case], tolerance: Tolerance) -> ArtifactCheck:
@@ -165,7 +165,8 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path,
     out_dir, say = Path(out_dir), progress or (lambda text: None)
     created, checks = not out_dir.exists(), []
     references = reference if isinstance(reference, dict) else {"example": reference}
-    noise, cases = graph.rounding_noise(), [(k, x, graph.run(x), references.get(k)) for k, x in graph.input_sets]
+    noise = functools.cache(graph.rounding_noise)   # the graph's own rounding at a precision, once, when first asked
+    cases = [(k, x, graph.run(x), references.get(k)) for k, x in graph.input_sets]
     try:
         with staging_dir(out_dir) as stage:
             for emitter, options in requests:
@@ -175,8 +176,8 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path,
                 # judged by the precision the emitter wrote (an fp16 graph gives an fp16 file), else asked for
                 precision = artifact.meta.get("precision", options.get("precision", "fp32"))
                 tolerance = emitter.tolerance_for({**options, "precision": precision})
-                tolerance = tolerance.above(graph.rounding_noise("fp16"), 2) if precision == "fp16" else tolerance.above(noise)
-                tolerance = int8_tolerance(tolerance, graph) if precision == "int8" else tolerance
+                tolerance = tolerance.above(noise(precision), 2 if precision == "fp16" else 4)   # int8: no max_rel
+                tolerance = int8_tolerance(tolerance, graph.module, noise("int8")) if precision == "int8" else tolerance
                 checks.append(check_artifact(emitter, artifact, cases, tolerance))
             names = [c.artifact.path.name for c in checks]
             if len(set(names)) != len(names):

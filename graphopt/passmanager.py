@@ -94,7 +94,7 @@ def first_divergence(before: fx.GraphModule, after: fx.GraphModule, inputs: Sequ
 
 def _tolerance(spec: Pass, graph: Graph, noise: float) -> Tolerance:
     """The pass's own tolerance as given, else its effect's above the model's own rounding (4x its fp32 ``noise``); an
-    fp16 pass, or an exact one on an fp16 graph (a re-associated sum rounds to half): fp16's, above 2x its fp16 rounding."""
+    fp16 pass, or an exact one on an fp16 graph (its sums round to half): fp16's, above 2x its fp16 rounding."""
     if spec.effect is Effect.EXACT and graph.precision == "fp16" or spec.effect is Effect.FP16 and not spec.tolerance:
         return Effect.FP16.tolerance.above(graph.rounding_noise("fp16"), 2)
     return spec.tolerance or spec.effect.tolerance.above(noise)

@@ -74,8 +74,7 @@ def parse_pipeline(text: str) -> Pipeline:
     toks = _tokens(text)
     if not toks:
         raise PipelineError("empty pipeline; give pass names separated by commas, e.g. cleanup,fold-bn")
-    items: list[PipelineItem] = []
-    i = 0
+    items, i = [], 0      # the items parsed, the next token
 
     def expect(kind: str, value: str | None = None) -> str:
         nonlocal i

@@ -80,8 +80,9 @@ def test_every_format_refuses_a_corrupted_int8_artifact(fmt, quantized, registry
         assert artifact.meta["precision"] == "int8"
         cases = [(label, x, graph.run(x), quantized.pipeline.references[label]) for label, x in graph.input_sets]
         assert len(cases) == 1 + 3 + 3      # the example, 3 shuffles of it, 3 of the 8 calibration samples
-        tolerance = int8_tolerance(emitter.tolerance_for({"precision": "int8"}), graph)
-        assert 2 * graph.rounding_noise("int8") < tolerance.max_abs == INT8_STEPS * output_step(graph.module)
+        noise = graph.rounding_noise("int8")
+        tolerance = int8_tolerance(emitter.tolerance_for({"precision": "int8"}), graph.module, noise)
+        assert 2 * noise < tolerance.max_abs == INT8_STEPS * output_step(graph.module)
         honest = check_artifact(emitter, artifact, cases, tolerance)
         assert honest.verified and honest.inputs == len(cases), honest.problems
         load = emitter.load
