@@ -67,7 +67,7 @@ class Graph:
     def rounding_noise(self, precision: str = "fp32") -> float:
         """How far its own rounding takes its outputs, over ``input_sets``. fp32: the worst relative distance from a
         float64 run (0 unless fp32; ResNeXt-50: 1.8e-5); fp16: from a float64 run rounding weights and every value to
-        half, the fp16 model it stands for (ResNeXt-50: 2.6e-2; torch's fp16: 0.8-1.3x that), kept by the fp16 graph
+        half, the fp16 model it stands for (ResNeXt-50: 2.6e-2; torch's fp16: 0.75-1.3x that), kept by the fp16 graph
         made from it; int8: the worst max abs distance from a run where each activation quantizer rounds each value to
         either neighbouring step, the nearer more often, as an int8 runtime may (full ShuffleNetV2: 17 output steps)."""
         if precision == "fp16" and self.precision == "fp16":   # measured on the fp32 graph it was made from
