@@ -68,7 +68,7 @@ class Calibrated:
 
     def __init__(self, gm: fx.GraphModule, batches, observer: str, activations: str, held=()):
         self.gm, self.batches, self.observer, self.activations = gm, batches, observer, activations
-        self.scored = [*batches, *(x for x in held if not any(map(_same, [x] * len(batches), batches)))]
+        self.scored = [*batches, *(x for x in held if not any(_same(x, b) for b in batches))]
         with torch.no_grad():
             self.outputs = [flatten_outputs(gm(*b)) for b in self.scored]
         self._ranges: dict[str, QParams] = {}
