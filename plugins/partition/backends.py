@@ -152,8 +152,11 @@ XNNPACK = Backend(
     description="ExecuTorch XNNPACK delegate (CPU, fp32 and static int8)",
     ops={"conv1d": _plain_conv, "conv2d": _plain_conv, "linear": None, "matmul": _matmul,
          "batch_norm": float_only, "relu": _one_clamp, "relu6": _one_clamp, "hardtanh": _one_clamp,
-         "clamp": _one_clamp, "hardswish": float_only, "leaky_relu": float_only, "gelu": float_only,
-         "sigmoid": float_only, "tanh": float_only, "prelu": float_only, "abs": float_only,
+         "clamp": _one_clamp, "leaky_relu": float_only, "gelu": float_only, "tanh": float_only,
+         # MobileNetV3's and EfficientNet's activations run in fp32 inside the delegate, between the int8
+         # convert ops its dequantize and quantize become (what ExecuTorch's own PT2E lowering does);
+         # ExecuTorch decomposes hardsigmoid to (x + 3).clamp(0, 6) / 6 and silu to x * sigmoid(x)
+         "hardswish": None, "hardsigmoid": None, "sigmoid": None, "silu": None, "prelu": float_only, "abs": float_only,
          "neg": float_only, "exp": float_only, "sqrt": float_only, "rsqrt": float_only,
          "add": None, "sub": None, "mul": None, "div": float_only, "max_pool2d": _max_pool,
          "avg_pool2d": all_of(_avg_pool, float_only), "adaptive_avg_pool2d": _global_pool,

@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 
 from graphopt import PassContext
-from graphopt.graph import annotate, flatten_outputs
+from graphopt.graph import flatten_outputs
 from graphopt.metrics import compare
 
 from .observers import Observer, QParams, qparams
@@ -35,16 +35,28 @@ def calibration_batches(ctx: PassContext) -> list[tuple[torch.Tensor, ...]]:
     return batches
 
 
-def _observe(gm: fx.GraphModule, batches, names: set[str], kind: str) -> dict[str, Observer]:
-    """An observer per named node, fed the node's value on every batch as it is computed (before
-    any later in-place op); no value is kept beyond what the observer needs (minmax: two numbers)."""
-    observers = {name: Observer(kind) for name in names}
+class _Recorder(fx.Interpreter):
+    """Runs the graph, handing the named nodes' values to their observers as they are computed
+    (before any later in-place op); no value is kept beyond what the observer needs."""
 
-    def record(n, v):
-        if n.name in observers and isinstance(v, torch.Tensor):
-            observers[n.name].observe(v)
-    for batch in batches:
-        annotate(gm, batch, record=record)
+    def __init__(self, gm: fx.GraphModule, observers: dict[str, Observer]):
+        super().__init__(gm)
+        self.observers = observers
+
+    def run_node(self, n: fx.Node):
+        value = super().run_node(n)
+        if n.name in self.observers and isinstance(value, torch.Tensor):
+            self.observers[n.name].observe(value)
+        return value
+
+
+def _observe(gm: fx.GraphModule, batches, names: set[str], kind: str) -> dict[str, Observer]:
+    """An observer per named node, fed the node's value on every batch (minmax keeps two numbers)."""
+    observers = {name: Observer(kind) for name in names}
+    recorder = _Recorder(gm, observers)
+    with torch.no_grad():
+        for batch in batches:
+            recorder.run(*batch)
     return observers
 
 

@@ -109,6 +109,20 @@ def test_an_op_outside_xnnpack_splits_the_delegates(registry, tmp_path):
     assert meta["xnnpack_ops"]["XNNConv2d"] == 2 and meta["xnnpack_ops"]["XNNFullyConnected"] == 1
 
 
+def test_int8_mobilenet_v3_is_one_delegate_with_its_activations_inside(registry, tmp_path):
+    """hardswish and the squeeze-excitation gate's hardsigmoid run in fp32 inside the XNNPACK delegate
+    between convert ops, as in ExecuTorch's own lowering (each used to split off a delegate: 10 for this model)."""
+    result = optimize(ZOO["tiny_mobilenet_v3"][0](), (_x(0),), registry, formats="pte", out_dir=tmp_path,
+                      pipeline="cleanup,fold-bn,fuse,quantize(prefer=size),partition(backend=xnnpack)",
+                      verify_inputs=1, data={"calibration": [_x(i) for i in range(1, 5)]})
+    (check,) = result.artifacts
+    meta = check.artifact.meta
+    assert result.ok and meta["precision"] == "int8" and meta["delegates"] == meta["partitions"] == 1
+    assert meta["xnnpack_ops"]["XNNHardswish"] >= 5 and meta["xnnpack_ops"]["XNNDiv"] >= 2   # hardsigmoid's /6
+    assert not any(op in cpu for cpu in meta["cpu_ops"] for op in ("hardswish", "clamp", "div", "mul"))
+    assert check.vs_graph.cosine > 0.999
+
+
 class Detour(nn.Module):
     """conv -> cumsum -> add(conv, cumsum): the first partition feeds the second directly and
     through cumsum on the CPU (one partition of both would be a cycle)."""
