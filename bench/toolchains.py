@@ -49,6 +49,7 @@ TOOLCHAINS = {"onnx": "onnxruntime quantize_static", "ptl": "torch.ao FX (x86)",
               "pte": "ExecuTorch PT2E (XNNPACKQuantizer)"}
 ORDER = ["eager", *(f"{k} {f}" for f in FORMATS for k in ("graphopt fp32", "toolchain fp32", "graphopt int8",
                                                           "toolchain int8"))]   # the subjects' rows
+META = ("precision", "delegates", "partitions", "xnnpack_ops", "cpu_ops", "op_types")   # kept of artifact meta
 PACKAGES = ("torch", "torchao", "onnxruntime", "onnx", "tensorflow", "onnx2tf", "litert-torch", "ai-edge-litert",
             "executorch")
 
@@ -116,7 +117,7 @@ def _graphopt(entry: dict, subjects: dict, model, x, data, registry, threads: in
             if tag == "int8" and not isinstance(check, str):   # the driver's figures vs the fake-quant graph
                 entry["verification"][fmt] = {"verified": check.verified, "inputs": check.inputs, "vs_graph":
                                               check.vs_graph.as_dict(), "vs_model": check.vs_reference.as_dict(),
-                                              "meta": check.artifact.meta}
+                                              "meta": {k: v for k, v in check.artifact.meta.items() if k in META}}
             if isinstance(check, str) or not check.installed:
                 why = check if isinstance(check, str) else "; ".join(check.problems) or "another format failed"
                 entry["subjects"][key] = {"label": key, "format": fmt, "error": why}

@@ -17,7 +17,7 @@ def slow_by_table(cal: Calibrated, patterns: list[str], formats: list[str], ctx:
     """prefer=speed: the layers whose class the cost table finds slower in int8 for ``formats``."""
     from .costs import SLOWER, slower_in_int8
 
-    p = plan(copy.deepcopy(cal.gm), patterns, {})
+    p = plan(cal.gm, patterns, {})              # plan reads the graph; insert is what writes
     slow = slower_in_int8(cal.gm, p.layers, formats)
     for name, (cls, per_format) in slow.items():
         figures = ", ".join(f"{f} {r:.2f}x" for f, r in per_format.items())
@@ -40,7 +40,7 @@ def _timings(cal: Calibrated, patterns: list[str], ctx: PassContext, path: str) 
             whole = recorded["whole_graph_ms"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"timings={path}: not a timings file written by quantize(prefer=measure) ({exc})")
-        expected = {layer.node.name for layer in plan(copy.deepcopy(cal.gm), patterns, {}).layers}
+        expected = {layer.node.name for layer in plan(cal.gm, patterns, {}).layers}
         if set(layers) != expected:
             raise ValueError(f"timings={path} was recorded for other layers ({len(set(layers) ^ expected)} differ): "
                              "delete it to measure this model")
