@@ -159,28 +159,11 @@ def _tflite_facts(path: Path) -> str:
 
 def _xnnpack(path: Path) -> tuple[int, Counter]:
     """How LiteRT's default XNNPACK delegate splits a .tflite: its partitions, and the ops it
-    leaves to the builtin kernels (those whose outputs feed a partition or the graph's outputs
-    without coming out of a partition)."""
-    from ai_edge_litert.interpreter import Interpreter
+    leaves to the builtin kernels."""
+    from graphopt_plugins.tflite.islands import xnnpack_split
 
-    with captured_output():
-        it = Interpreter(model_path=str(path), num_threads=1)
-        it.allocate_tensors()
-    ops = it._get_ops_details()
-    partitions = [o for o in ops if o["op_name"] == "DELEGATE"]
-    produced = {t for p in partitions for t in p["outputs"]}
-    needed = {t for p in partitions for t in p["inputs"]} | {d["index"] for d in it.get_output_details()}
-    left, grew = [], True
-    while grew:
-        grew = False
-        for o in ops:
-            outs = set(o["outputs"])
-            if o["op_name"] != "DELEGATE" and o["index"] not in {x["index"] for x in left} \
-                    and not outs & produced and outs & needed:
-                left.append(o)
-                needed |= set(o["inputs"])
-                grew = True
-    return len(partitions), Counter(o["op_name"] for o in left)
+    partitions, left = xnnpack_split(path.read_bytes())
+    return partitions, Counter(left.values())
 
 
 def _peer(name: str, fmt: str, make, threads: int, stage: Path) -> Variant:

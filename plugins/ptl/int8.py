@@ -2,8 +2,8 @@
 an fp32 value => ``quantize_per_tensor``; Conv1d/2d, Linear [-> ReLU/ReLU6/Hardtanh] => torch.ao
 quantized modules (ConvReLU/LinearReLU) with graphopt's int8 weights and per-channel scales;
 add, mul [-> ReLU], AddReLU, matmul => ``quantized::add(_relu)``, ``mul(_relu)``, ``matmul``;
-cat => ``quantized::cat``; pooling, reshapes, ReLU, sigmoid, tanh => the same op on the
-quantized tensor; anything else => dequantize -> fp32 op -> quantize at the next fake-quant.
+hardswish => ``quantized::hardswish``; cat => ``quantized::cat``; pooling, reshapes, ReLU, sigmoid,
+tanh => the same op on the quantized tensor; anything else => dequantize -> fp32 op -> quantize at the next fake-quant.
 
 Activations are quint8, the only kind the x86 and qnnpack kernels take: an int8 fake-quant
 grid (codes -128..127, zero point z) is the quint8 grid with zero point z + 128.
@@ -196,9 +196,12 @@ class _Lowering:
     def _kind(self, node: fx.Node) -> str | None:
         if node.op == "call_module":
             m = self.gm.get_submodule(node.target)
-            return "layer" if weight_quant(m) is not None else "add" if isinstance(m, AddReLU) else None
+            return "layer" if weight_quant(m) is not None else "add" if isinstance(m, AddReLU) else \
+                "hardswish" if isinstance(m, nn.Hardswish) and not writes_in_place(self.gm, node) else None
         if node.op == "call_function" and node.target is torch.cat:
             return "cat"
+        if calls(node, (F.hardswish,), ("hardswish",)) and not writes_in_place(self.gm, node):
+            return "hardswish"
         binary = node.op in ("call_function", "call_method") and not node.kwargs and len(node.args) == 2
         return _BINARY.get(node.target) if binary and all(isinstance(a, fx.Node) for a in node.args) else None
 
@@ -210,7 +213,7 @@ class _Lowering:
             return False
         act, fq = chain
         grid, bounds = fake_quant_grid(fq), activation_bounds(self.gm, act) if act is not None else NO_CLAMP
-        inputs = list(node.args[0]) if kind == "cat" else list(node.args)
+        inputs = list(node.args[0]) if kind == "cat" else node.args[:1] if kind == "hardswish" else list(node.args)
         if not all(isinstance(x, fx.Node) and self.env[x].grid is not None for x in inputs):
             made = "an input is not int8 here"
         else:
@@ -238,9 +241,11 @@ class _Lowering:
         return out, clamp, type(qmodule).__name__
 
     def _kernel(self, node: fx.Node, kind: str, inputs: list[fx.Node], grid: Grid, bounds) -> tuple:
-        """(``quantized::`` op call, clamp after it, the op's name) for add, mul, matmul, cat."""
+        """(``quantized::`` op call, clamp after it, the op's name) for add, mul, matmul, cat, hardswish."""
         values = [self.env[x].node for x in inputs]
-        if kind == "cat":
+        if kind == "hardswish":
+            kernel, args, (_, clamp) = _Q.hardswish, tuple(values), clamping(grid, bounds, False)
+        elif kind == "cat":
             kernel, args, (_, clamp) = _Q.cat, (values, argument(node, 1, "dim", 0)), clamping(grid, bounds, False)
         else:
             if node.op == "call_module":                  # AddReLU

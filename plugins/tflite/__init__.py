@@ -28,6 +28,9 @@ OPTIONS = (
            "(default: channels-last, NHWC, as TFLite kernels want)"),
     Option("int8_io", bool, False, "quantized graphs: int8 inputs and outputs (default: float, "
            "quantized inside)"),
+    Option("float_islands", bool, True, "quantized graphs: int8 elementwise ops LiteRT's XNNPACK delegate "
+           "refuses (HARD_SWISH, LOGISTIC...) run in float between DEQUANTIZE/QUANTIZE, inside the delegate; "
+           "off: int8 kernels throughout, for integer-only accelerators"),
     Option("route", str, "auto", "auto: onnx2tf, else litert-torch where onnx2tf fails or its file disagrees "
            "with the graph (fp32); or force one", choices=("auto", "onnx2tf", "litert-torch")),
 )

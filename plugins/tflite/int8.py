@@ -26,6 +26,7 @@ from graphopt.quant import to_qdq as qdq_form
 from graphopt.rewrite import calls
 from graphopt.testing.quantization import QTensor, check_grids, check_qtensors, graph_qtensors
 
+from .islands import float_islands
 from .runner import builtin_operators, record, with_metadata
 
 _TORCH_LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}
@@ -123,10 +124,11 @@ def _int8_io(data: bytes) -> bytes:
 
 
 def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io: bool = False,
-            channels_last: bool = True, fp16: bool = False) -> tuple[bytes, dict]:
+            channels_last: bool = True, fp16: bool = False, islands: bool = True) -> tuple[bytes, dict]:
     """The int8 .tflite of the fake-quant ``gm``: float inputs and outputs (QUANTIZE/DEQUANTIZE
     inside) or, for ``int8_io``, int8 ones carrying the scale and zero point of the fake quants
-    right after the inputs and right before the outputs; and the I/O description of ``to_qdq``.
+    right after the inputs and right before the outputs; and the I/O description of ``to_qdq``, with
+    ``islands``: the int8 ops made float islands (``islands.float_islands``), by name.
     An fp32 ``gm`` gives an fp32 file, or with ``fp16`` one of float16 weights (litert-torch's
     fp16 recipe: each weight stored in half and dequantized in the file, as TF's converter does)."""
     module, samples, io = to_qdq(gm, example_inputs, channels_last)
@@ -147,6 +149,8 @@ def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io:
                 except Exception:
                     raise exc from None
             io["layout_pass"] = f"skipped: it failed ({first_line(exc)})"
+        if islands:
+            data, io["float_islands"] = float_islands(data)
         if int8_io:
             data = _int8_io(data)
     return bytes(data), io
@@ -233,7 +237,8 @@ def emit(graph: graphopt.Graph, opts: dict, out_dir: Path, fp16: bool = False) -
         raise EmitError(f"{'int8 TFLite' if int8 else 'the litert-torch route'} needs litert-torch: "
                         f"{first_line(exc)}; pip install 'graphopt[tflite]'") from exc
     try:
-        data, io = convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"], fp16)
+        data, io = convert(graph.module, graph.example_inputs, opts["int8_io"], not opts["keep_nchw"], fp16,
+                           int8 and opts["float_islands"])
     except Exception as exc:
         raise EmitError(f"litert-torch could not convert {'the quantized ' if int8 else ''}{graph.name}: "
                         f"{first_line(exc)}") from exc
@@ -254,12 +259,15 @@ def emit(graph: graphopt.Graph, opts: dict, out_dir: Path, fp16: bool = False) -
                                 "quantization": [float(d["quantization"][0]), int(d["quantization"][1])]
                                 if dtype == "int8" else None})
     info = record(graph, precision=precision, **specs)
-    suffix = f"_int8{'_io' if opts['int8_io'] else ''}" if int8 else "_fp16" if fp16 else ""
+    suffix = f"_int8{'' if opts['float_islands'] else '_only'}{'_io' if opts['int8_io'] else ''}" if int8 else \
+        "_fp16" if fp16 else ""
     target = Path(out_dir) / f"{graph.name}{suffix}.tflite"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, with_metadata(data, info))
     meta = {"precision": precision, "op_types": dict(sorted(ops.items())), **specs,
             "converter": f"litert-torch {litert_torch.__version__}{' (STATIC, strict QDQ)' if int8 else ''}"
-                         f"{' (fp16 recipe)' if fp16 else ''}"} | ({"layout_pass": io["layout_pass"]} if "layout_pass" in io else {})
+                         f"{' (fp16 recipe)' if fp16 else ''}"}
+    meta |= {"layout_pass": io["layout_pass"]} if "layout_pass" in io else {}
+    meta |= {"float_islands": dict(sorted(io["float_islands"].items()))} if io.get("float_islands") else {}
     return Artifact("tflite", target, meta | ({"int8_io": opts["int8_io"], "scales": scale_check(data, graph.module)}
                                               if int8 else {}))

@@ -229,6 +229,25 @@ def test_fp32_between_int8_regions_is_dequantized_and_requantized(registry, tmp_
     _close_to_fx(graph, artifact)
 
 
+def test_hardswish_between_int8_layers_is_the_quantized_kernel(registry, tmp_path):
+    """MobileNetV3's hardswish sits between the conv's fake quant and the next one's: quantized::hardswish onto
+    the second grid, no dequantize/quantize around it (torch.ao's x86 lowering does the same)."""
+    graph = _quantized(ZOO["tiny_mobilenet_v3"][0], (1, 3, 32, 32), registry)
+    from graphopt.quant import is_fake_quant
+
+    hardswish = [n for n in graph.module.graph.nodes if n.op == "call_module"
+                 and isinstance(graph.module.get_submodule(n.target), nn.Hardswish)]
+    between = [n for n in hardswish if len(n.users) == 1 and is_fake_quant(next(iter(n.users)))]
+    lowered = _lower(graph.module)
+    assert len(between) >= 4 and sorted(n for n, op in lowered.int8.items() if op == "quantized::hardswish") == \
+        sorted(n.name for n in between)
+    artifact = ptl_emitter.emit(graph, {}, tmp_path)
+    assert "quantized::hardswish" in artifact.meta["ops"], artifact.meta["ops"]
+    # one dequantize before each hardswish left fp32 (its output is pooled, not quantized), one before the output
+    assert artifact.meta["int8"]["dequantize"] <= len(hardswish) - len(between) + 1
+    _close_to_fx(graph, artifact)
+
+
 def test_a_fused_activation_without_a_kernel_keeps_the_layer_fp32(tmp_path):
     layer = fused_layer(nn.Conv2d(3, 8, 3), nn.Hardswish(inplace=True))
     graph = _hand_quantized(layer, (1, 3, 8, 8), [(0.03, 128, 255), (0.02, 20, 255)], "hardswish")

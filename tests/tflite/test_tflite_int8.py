@@ -22,14 +22,14 @@ def emitted(registry, tmp_path_factory):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calib = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i + 1)) for i in range(6)]
     return optimize(tiny_mobilenet_v3(), (x,), registry, pipeline=PIPELINE,
-                    formats="tflite,tflite(int8_io=true)", out_dir=tmp_path_factory.mktemp("int8"),
+                    formats="tflite,tflite(int8_io=true),tflite(float_islands=false)", out_dir=tmp_path_factory.mktemp("int8"),
                     data={"calibration": calib})
 
 
 def test_int8_tflite_verifies_with_int8_kernels(emitted):
     assert emitted.ok
-    float_io, int8_io = emitted.artifacts
-    for check in (float_io, int8_io):
+    float_io, int8_io, int8_kernels = emitted.artifacts
+    for check in (float_io, int8_io, int8_kernels):
         meta = check.artifact.meta
         assert meta["precision"] == tflite_emitter.precision(check.artifact.path) == "int8" and check.verified
         assert check.vs_graph.cosine > 0.999
@@ -37,6 +37,33 @@ def test_int8_tflite_verifies_with_int8_kernels(emitted):
         assert ops["CONV_2D"] >= 10 and ops["DEPTHWISE_CONV_2D"] == 3 and "HARD_SWISH" in ops
     assert float_io.artifact.meta["op_types"]["QUANTIZE"] >= 1
     assert int8_io.artifact.path.name.endswith("_int8_io.tflite")
+
+
+def test_hardswish_runs_as_a_float_island_inside_one_xnnpack_partition(emitted):
+    """LiteRT's XNNPACK delegate takes HARD_SWISH in float only: as int8 kernels, each splits the model;
+    as DEQUANTIZE -> float HARD_SWISH -> QUANTIZE onto the same int8 tensor the model is one partition."""
+    from ai_edge_litert.interpreter import Interpreter
+    from graphopt_plugins.tflite.islands import xnnpack_split
+
+    islands, _, int8_kernels = (c.artifact for c in emitted.artifacts)
+    hardswish = islands.meta["op_types"]["HARD_SWISH"]
+    assert hardswish >= 4 and int8_kernels.meta["op_types"]["HARD_SWISH"] == hardswish
+    split = xnnpack_split(int8_kernels.path.read_bytes())
+    assert split[0] > 1 and set(split[1].values()) == {"HARD_SWISH"}
+    assert islands.meta["float_islands"] == {"HARD_SWISH": len(split[1])} and "float_islands" not in int8_kernels.meta
+    assert xnnpack_split(islands.path.read_bytes()) == (1, {})
+
+    def hardswish_inputs(path):
+        interpreter = Interpreter(model_path=str(path))
+        tensors, ops = {t["index"]: t for t in interpreter.get_tensor_details()}, interpreter._get_ops_details()
+        consumers = {i: o["op_name"] for o in ops for i in o["inputs"]}
+        return [(tensors[o["inputs"][0]]["dtype"], consumers.get(o["outputs"][0])) for o in ops
+                if o["op_name"] == "HARD_SWISH"]
+
+    assert sum(dtype == np.int8 for dtype, _ in hardswish_inputs(int8_kernels.path)) == len(split[1])
+    after = hardswish_inputs(islands.path)
+    assert all(dtype == np.float32 for dtype, _ in after)
+    assert sum(consumer == "QUANTIZE" for _, consumer in after) >= len(split[1])
 
 
 def test_int8_tflite_holds_the_graphs_scales(emitted):
