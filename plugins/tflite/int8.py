@@ -124,7 +124,7 @@ def _int8_io(data: bytes) -> bytes:
 
 
 def convert(gm: fx.GraphModule, example_inputs: Sequence[torch.Tensor], int8_io: bool = False,
-            channels_last: bool = True, fp16: bool = False, islands: bool = True) -> tuple[bytes, dict]:
+            channels_last: bool = True, fp16: bool = False, islands: bool = False) -> tuple[bytes, dict]:
     """The int8 .tflite of the fake-quant ``gm``: float inputs and outputs (QUANTIZE/DEQUANTIZE
     inside) or, for ``int8_io``, int8 ones carrying the scale and zero point of the fake quants
     right after the inputs and right before the outputs; and the I/O description of ``to_qdq``, with

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from collections import Counter
 
-import flatbuffers
+from .runner import packed, unpacked
 
 # unary ops whose float form the XNNPACK delegate takes; one is rewritten only where the delegate leaves it out
 UNARY = frozenset({"HARD_SWISH", "LOGISTIC", "TANH", "ELU", "GELU", "LEAKY_RELU"})
@@ -53,11 +53,12 @@ def float_islands(data: bytes) -> tuple[bytes, Counter]:
     A model with none comes back as it was."""
     from ai_edge_litert import schema_py_generated as schema
 
+    data = bytes(data)
     _, left = xnnpack_split(data)
     targets = {i for i, name in left.items() if name in UNARY}
     if not targets:
         return data, Counter()
-    model = schema.ModelT.InitFromPackedBuf(bytearray(data), 0)
+    model = unpacked(data)
     graph = model.subgraphs[0]
 
     def code(builtin: int) -> int:
@@ -97,6 +98,4 @@ def float_islands(data: bytes) -> tuple[bytes, Counter]:
         c = model.operatorCodes[op.opcodeIndex]
         rewritten[names[max(c.builtinCode, c.deprecatedBuiltinCode)]] += 1
     graph.operators = operators
-    builder = flatbuffers.Builder(len(data) + 4096)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output()), rewritten
+    return packed(model, len(data)), rewritten

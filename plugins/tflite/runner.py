@@ -59,27 +59,41 @@ def record(graph: graphopt.Graph, **facts: Any) -> dict:
             **made}
 
 
-def with_metadata(data: bytes, info: dict) -> bytes:
-    """``data`` with ``info`` as JSON in the metadata entry METADATA. Buffers the converter stored
-    after the flatbuffer (``offset``/``size``, litert-torch's fp16 files) move into it: repacking
-    drops what follows the flatbuffer."""
-    import flatbuffers
+def unpacked(data: bytes) -> Any:
+    """The .tflite bytes as the flatbuffer's object tree (``ModelT``), buffers the converter stored after
+    the flatbuffer (``offset``/``size``, litert-torch's fp16 files) moved into it: repacking drops what
+    follows the flatbuffer."""
     from ai_edge_litert import schema_py_generated as schema
 
-    model = schema.ModelT.InitFromPackedBuf(data, 0)
+    model = schema.ModelT.InitFromPackedBuf(bytes(data), 0)
     for buffer in model.buffers:
         if buffer.offset > 1:
             buffer.data = np.frombuffer(data, np.uint8, buffer.size, buffer.offset)
             buffer.offset = buffer.size = 0
+    return model
+
+
+def packed(model: Any, size: int) -> bytes:
+    """``model`` (``unpacked``) as .tflite bytes; ``size``: about how many."""
+    import flatbuffers
+
+    builder = flatbuffers.Builder(size + 4096)
+    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
+    return bytes(builder.Output())
+
+
+def with_metadata(data: bytes, info: dict) -> bytes:
+    """``data`` with ``info`` as JSON in the metadata entry METADATA."""
+    from ai_edge_litert import schema_py_generated as schema
+
+    model = unpacked(data)
     buffer = schema.BufferT()
     buffer.data = np.frombuffer(json.dumps(info).encode(), np.uint8)
     entry = schema.MetadataT()
     entry.name, entry.buffer = METADATA, len(model.buffers)
     model.buffers.append(buffer)
     model.metadata = [*(model.metadata or []), entry]
-    builder = flatbuffers.Builder(len(data) + 4096)
-    builder.Finish(model.Pack(builder), file_identifier=b"TFL3")
-    return bytes(builder.Output())
+    return packed(model, len(data))
 
 
 def _metadata(data: bytes, path: Path) -> dict:

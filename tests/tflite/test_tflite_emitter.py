@@ -99,7 +99,7 @@ def test_registers_the_tflite_emitter_with_its_options():
     emitter = registry.emitters["tflite"]
     assert emitter.suffix == ".tflite" and emitter.prepare == "tflite-compat" and emitter.missing() == []
     assert {o.name: o.default for o in emitter.options} == {"precision": "fp32", "keep_nchw": False, "int8_io": False,
-                                                            "route": "auto"}
+                                                            "float_islands": True, "route": "auto"}
     assert emitter.option("precision").choices == ("fp32", "fp16")
     assert emitter.tolerance_for({"precision": "fp32"}) == graphopt.Tolerance(max_rel=1e-4, min_cosine=0.9999)
     assert emitter.tolerance_for({"precision": "fp16"}) == graphopt.Effect.FP16.tolerance

@@ -16,7 +16,7 @@ from zoo import TRANSFORMER_ZOO, ZOO
 from zoo.fold import optimize
 
 NONE = {"multihead_attention": 0, "sdpa": 0, "gelu_erf": 0, "gelu_tanh": 0, "erf": 0, "unbind": 0,
-        "patch_tokens": 0, "expand": 0, "scalar_operand": 0, "rejected": 0}
+        "patch_tokens": 0, "expand": 0, "scalar_operand": 0, "hardsigmoid": 0, "rejected": 0}
 REWRITTEN = {"erf", "special_erf", "gelu", "GELU", "MultiheadAttention", "scaled_dot_product_attention",
              "unbind", "expand", "expand_as"}
 
@@ -262,6 +262,32 @@ class Scalars(nn.Module):
 def test_scalar_operands_of_float_tensors_become_constant_tensors(registry):
     record = _compat(Scalars(), torch.randn(2, 4), torch.arange(4), registry=registry)
     assert record.stats == {**NONE, "scalar_operand": 5}   # not the integer i * 2
+
+
+def test_squeeze_excitation_gates_run_inside_the_xnnpack_delegate(registry, tmp_path):
+    """onnx2tf writes HardSigmoid as RELU_0_TO_1, which LiteRT's XNNPACK delegate leaves out: each SE gate of a
+    MobileNetV3 split the float model. As relu6(x + 3) / 6 the model is one partition, and exact."""
+    from graphopt_plugins.tflite.islands import xnnpack_split
+
+    build, shape = ZOO["tiny_mobilenet_v3"]
+    model, x = build(), torch.randn(shape)
+    gates = sum(n.target is F.hardsigmoid for n in graphopt.capture(model, x).module.graph.nodes)
+    record = _compat(model, x, registry=registry)
+    assert gates >= 2 and record.stats == {**NONE, "hardsigmoid": gates} and record.max_abs_err < 1e-6
+    emitter = registry.emitters["tflite"]
+    artifact = emit_one(graphopt.capture(model, x), emitter, {o.name: o.default for o in emitter.options},
+                        tmp_path, registry)
+    assert "RELU_0_TO_1" not in artifact.meta["op_types"]
+    assert xnnpack_split(artifact.path.read_bytes()) == (1, {})
+
+
+def test_a_quantized_gate_is_left_to_the_int8_converter(registry):
+    calibration = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    graph = graphopt.run_pipeline(graphopt.capture(ZOO["tiny_mobilenet_v3"][0](), torch.randn(1, 3, 32, 32)),
+                                  "cleanup,fold-bn,fuse,quantize(prefer=size)", registry,
+                                  data={"calibration": calibration}).graph
+    record = graphopt.run_pipeline(graph, "tflite-compat", registry).records[0]
+    assert record.stats["hardsigmoid"] == 0 and record.stats["rejected"] >= 2
 
 
 # ------------------------------------------------------------------- end to end: .tflite
