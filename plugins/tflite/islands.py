@@ -50,11 +50,11 @@ def xnnpack_split(data: bytes) -> tuple[int, dict[int, str]]:
 def float_islands(data: bytes) -> tuple[bytes, Counter]:
     """``data`` with each int8 op of ``UNARY`` that the delegate leaves out run in float between a
     DEQUANTIZE and a QUANTIZE onto its own int8 output tensor (same grid); the ops rewritten, by name.
-    A model with none comes back as it was."""
+    A model with none, or whose partitions the rewrite does not reduce, comes back as it was."""
     from ai_edge_litert import schema_py_generated as schema
 
     data = bytes(data)
-    _, left = xnnpack_split(data)
+    partitions, left = xnnpack_split(data)
     targets = {i for i, name in left.items() if name in UNARY}
     if not targets:
         return data, Counter()
@@ -98,4 +98,6 @@ def float_islands(data: bytes) -> tuple[bytes, Counter]:
         c = model.operatorCodes[op.opcodeIndex]
         rewritten[names[max(c.builtinCode, c.deprecatedBuiltinCode)]] += 1
     graph.operators = operators
-    return packed(model, len(data)), rewritten
+    islands = packed(model, len(data))
+    # kept where the delegate then takes them: fewer partitions (a runtime whose delegate refuses the float op too)
+    return (islands, rewritten) if xnnpack_split(islands)[0] < partitions else (data, Counter())

@@ -22,8 +22,8 @@ def emitted(registry, tmp_path_factory):
     x = torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     calib = [torch.randn(1, 3, 32, 32, generator=torch.Generator().manual_seed(i + 1)) for i in range(6)]
     return optimize(tiny_mobilenet_v3(), (x,), registry, pipeline=PIPELINE,
-                    formats="tflite,tflite(int8_io=true),tflite(float_islands=false)", out_dir=tmp_path_factory.mktemp("int8"),
-                    data={"calibration": calib})
+                    formats="tflite,tflite(int8_io=true),tflite(float_islands=false)",
+                    out_dir=tmp_path_factory.mktemp("int8"), data={"calibration": calib})
 
 
 def test_int8_tflite_verifies_with_int8_kernels(emitted):
