@@ -3,7 +3,8 @@ LiteRT's own kernels are rewritten as DEQUANTIZE -> the float op -> QUANTIZE, wh
 takes, so the model stays one XNNPACK partition.
 
 The delegate takes HARD_SWISH (and LOGISTIC, TANH, ...) in float only; an int8 one splits the
-model into a partition before and after it, and runs on LiteRT's reference kernel. MobileNetV3-Small
+model into a partition before and after it, and runs on LiteRT's reference kernel. So do attention's
+int8 SOFTMAX and BATCH_MATMUL of two activations. MobileNetV3-Small
 int8 was 19 partitions around 18 HARD_SWISH ops and 4.1 ms; as float islands it is one partition
 and 1.4 ms, 1 thread here. The result is also closer to the graph, which computes these ops in
 float between its fake quants: the island is the graph's own arithmetic, the int8 kernel a
@@ -12,11 +13,12 @@ fixed-point approximation of it.
 from __future__ import annotations
 
 from collections import Counter
+from typing import Any
 
 from .runner import packed, unpacked
 
-# unary ops whose float form the XNNPACK delegate takes; one is rewritten only where the delegate leaves it out
-UNARY = frozenset({"HARD_SWISH", "LOGISTIC", "TANH", "ELU", "GELU", "LEAKY_RELU"})
+# ops whose float form the XNNPACK delegate takes; one is rewritten only where the delegate leaves it out
+FLOAT_FORMS = frozenset({"HARD_SWISH", "LOGISTIC", "TANH", "ELU", "GELU", "LEAKY_RELU", "SOFTMAX", "BATCH_MATMUL"})
 
 
 def xnnpack_split(data: bytes) -> tuple[int, dict[int, str]]:
@@ -47,19 +49,17 @@ def xnnpack_split(data: bytes) -> tuple[int, dict[int, str]]:
     return len(partitions), left
 
 
-def float_islands(data: bytes) -> tuple[bytes, Counter]:
-    """``data`` with each int8 op of ``UNARY`` that the delegate leaves out run in float between a
-    DEQUANTIZE and a QUANTIZE onto its own int8 output tensor (same grid); the ops rewritten, by name.
-    A model with none, or whose partitions the rewrite does not reduce, comes back as it was."""
+def _rewrite(data: bytes, targets: set[int]) -> tuple[bytes, dict[int, str], list[int]]:
+    """``data`` with the ops at ``targets`` (int8 output, int8 or other inputs) run in float: each int8
+    input through a DEQUANTIZE, the output through a QUANTIZE onto the op's own int8 tensor (same grid).
+    Returns the bytes, the ops rewritten (old index -> name) and each one's index in the new model."""
     from ai_edge_litert import schema_py_generated as schema
 
-    data = bytes(data)
-    partitions, left = xnnpack_split(data)
-    targets = {i for i, name in left.items() if name in UNARY}
-    if not targets:
-        return data, Counter()
     model = unpacked(data)
     graph = model.subgraphs[0]
+    int8, names = schema.TensorType.INT8, {v: k for k, v in vars(schema.BuiltinOperator).items() if k[0] != "_"}
+    empty = len(model.buffers)
+    model.buffers.append(schema.BufferT())
 
     def code(builtin: int) -> int:
         for i, c in enumerate(model.operatorCodes):
@@ -70,6 +70,11 @@ def float_islands(data: bytes) -> tuple[bytes, Counter]:
         model.operatorCodes.append(c)
         return len(model.operatorCodes) - 1
 
+    def convert(builtin: int, source: int, target: int) -> Any:
+        op = schema.OperatorT()
+        op.opcodeIndex, op.inputs, op.outputs = code(builtin), [source], [target]
+        return op
+
     def float_twin(index: int) -> int:
         t, twin = graph.tensors[index], schema.TensorT()
         twin.shape, twin.shapeSignature, twin.type = t.shape, t.shapeSignature, schema.TensorType.FLOAT32
@@ -77,27 +82,38 @@ def float_islands(data: bytes) -> tuple[bytes, Counter]:
         graph.tensors.append(twin)
         return len(graph.tensors) - 1
 
-    int8 = schema.TensorType.INT8
-    empty = len(model.buffers)
-    model.buffers.append(schema.BufferT())
-    names = {v: k for k, v in vars(schema.BuiltinOperator).items() if not k.startswith("_")}
-    rewritten, operators = Counter(), []
+    rewritten, where, operators = {}, [], []
     for i, op in enumerate(graph.operators):
-        if i not in targets or len(op.inputs) != 1 or len(op.outputs) != 1 or \
-                {graph.tensors[op.inputs[0]].type, graph.tensors[op.outputs[0]].type} != {int8}:
+        if i not in targets or len(op.outputs) != 1 or graph.tensors[op.outputs[0]].type != int8:
             operators.append(op)
             continue
-        source, target = op.inputs[0], op.outputs[0]
-        op.inputs, op.outputs = [float_twin(source)], [float_twin(target)]
-        dequantize, quantize = schema.OperatorT(), schema.OperatorT()
-        dequantize.opcodeIndex, dequantize.inputs, dequantize.outputs = \
-            code(schema.BuiltinOperator.DEQUANTIZE), [source], op.inputs
-        quantize.opcodeIndex, quantize.inputs, quantize.outputs = \
-            code(schema.BuiltinOperator.QUANTIZE), op.outputs, [target]
-        operators += [dequantize, op, quantize]
+        inputs = [x for x in op.inputs if x >= 0 and graph.tensors[x].type == int8]
+        twins = {x: float_twin(x) for x in dict.fromkeys(inputs)}
+        operators += [convert(schema.BuiltinOperator.DEQUANTIZE, x, t) for x, t in twins.items()]
+        target = op.outputs[0]
+        op.inputs, op.outputs = [twins.get(x, x) for x in op.inputs], [float_twin(target)]
+        where.append(len(operators))
+        operators += [op, convert(schema.BuiltinOperator.QUANTIZE, op.outputs[0], target)]
         c = model.operatorCodes[op.opcodeIndex]
-        rewritten[names[max(c.builtinCode, c.deprecatedBuiltinCode)]] += 1
+        rewritten[i] = names[max(c.builtinCode, c.deprecatedBuiltinCode)]
     graph.operators = operators
-    islands = packed(model, len(data))
-    # kept where the delegate then takes them: fewer partitions (a runtime whose delegate refuses the float op too)
-    return (islands, rewritten) if xnnpack_split(islands)[0] < partitions else (data, Counter())
+    return packed(model, len(data)), rewritten, where
+
+
+def float_islands(data: bytes) -> tuple[bytes, Counter]:
+    """``data`` with each int8 op of ``FLOAT_FORMS`` that the delegate leaves out run in float (``_rewrite``)
+    where the delegate then takes it; the ops rewritten, by name. A model with none, or whose partitions the
+    rewrite does not reduce, comes back as it was."""
+    data = bytes(data)
+    partitions, left = xnnpack_split(data)
+    targets = {i for i, name in left.items() if name in FLOAT_FORMS}
+    if not targets:
+        return data, Counter()
+    islands, rewritten, where = _rewrite(data, targets)
+    still = xnnpack_split(islands)[1]           # a float form this runtime's delegate refuses too: not rewritten
+    taken = {i for i, at in zip(rewritten, where) if at not in still}
+    if taken != set(rewritten):
+        islands, rewritten, _ = _rewrite(data, taken)
+    if not rewritten or xnnpack_split(islands)[0] >= partitions:
+        return data, Counter()
+    return islands, Counter(rewritten.values())

@@ -66,6 +66,23 @@ def test_hardswish_runs_as_a_float_island_inside_one_xnnpack_partition(emitted):
     assert sum(consumer == "QUANTIZE" for _, consumer in after) >= len(split[1])
 
 
+def test_attention_softmax_and_matmuls_run_as_float_islands(registry, tmp_path):
+    """A ViT's int8 attention: SOFTMAX and the BATCH_MATMULs of two activations are int8 ops the delegate
+    leaves out, splitting the model; as float islands it is one partition, verified against the graph."""
+    from graphopt_plugins.tflite.islands import xnnpack_split
+    from zoo import TRANSFORMER_ZOO
+
+    build, shape = TRANSFORMER_ZOO["vit_tiny"]
+    calib = [torch.randn(*shape, generator=torch.Generator().manual_seed(i)) for i in range(4)]
+    run = optimize(build(), (torch.randn(*shape),), registry, pipeline=PIPELINE, formats="tflite",
+                   out_dir=tmp_path, data={"calibration": calib})
+    (check,) = run.artifacts
+    assert check.verified and check.vs_graph.cosine > 0.999
+    islands = check.artifact.meta["float_islands"]
+    assert islands["SOFTMAX"] >= 1 and islands["BATCH_MATMUL"] >= 1 and set(islands) == {"SOFTMAX", "BATCH_MATMUL"}
+    assert xnnpack_split(check.artifact.path.read_bytes()) == (1, {})
+
+
 def test_int8_tflite_holds_the_graphs_scales(emitted):
     from ai_edge_litert.interpreter import Interpreter
 
