@@ -124,7 +124,8 @@ def test_where_the_layout_pass_of_litert_torch_fails_the_file_is_made_without_it
     monkeypatch.setattr(fx_passes, "OptimizeLayoutTransposesPass", Broken)
     graph = emitted.graph
     artifact = tflite_emitter.emit(graph, {}, tmp_path)
-    assert artifact.meta["layout_pass"] == "skipped: it failed (Attempting to broadcast a dimension of length 96 at -1!)"
+    assert artifact.meta["layout_pass"] == \
+        "skipped: it failed (Attempting to broadcast a dimension of length 96 at -1!)"
     with_pass = emitted.artifacts[0].artifact.meta["op_types"]
     assert artifact.meta["op_types"].get("TRANSPOSE", 0) > with_pass.get("TRANSPOSE", 0)
     outputs = tflite_emitter.load(artifact, threads=1)(list(graph.example_inputs))
