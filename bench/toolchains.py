@@ -255,7 +255,8 @@ def _header(args) -> str:
     return (f"# graphopt int8 vs each format's own int8 toolchain\n\n`{command.rstrip()}`\n\n"
             f"Machine: {cpu} ({platform.machine()}, {os.cpu_count()} logical CPUs, shared); "
             f"{', '.join(f'{p} {md.version(p)}' for p in PACKAGES)}; {time.strftime('%Y-%m-%d')}; {args.threads} "
-            f"thread(s), {args.runs} round-robin rounds after 5 warm-up calls. Each model's subjects are timed in one "
+            f"thread(s), {args.runs} round-robin rounds (subjects in a seeded shuffled order each round) after 5 "
+            f"warm-up calls. Each model's subjects are timed in one "
             f"process: compare ratios within a model. Calibration: 16 seeded N(0,1) inputs (seeds 100-115) for "
             f"every toolchain; timing and cosine-vs-eager input: seed 0.\n")
 
