@@ -110,10 +110,11 @@ def float_islands(data: bytes) -> tuple[bytes, Counter]:
     if not targets:
         return data, Counter()
     islands, rewritten, where = _rewrite(data, targets)
-    still = xnnpack_split(islands)[1]           # a float form this runtime's delegate refuses too: not rewritten
+    after, still = xnnpack_split(islands)       # a float form this runtime's delegate refuses too: not rewritten
     taken = {i for i, at in zip(rewritten, where) if at not in still}
     if taken != set(rewritten):
         islands, rewritten, _ = _rewrite(data, taken)
-    if not rewritten or xnnpack_split(islands)[0] >= partitions:
+        after = xnnpack_split(islands)[0]
+    if not rewritten or after >= partitions:
         return data, Counter()
     return islands, Counter(rewritten.values())
