@@ -15,6 +15,7 @@ from graphopt.emit import as_inputs, captured_output, provenance, write_atomic
 from graphopt.errors import first_line
 
 from . import qdq as onnx_qdq
+from .hard import integer_hard_activations
 
 OPTIONS = (
     Option("exporter", str, "torchscript", "torch.onnx exporter: torchscript (fast) or dynamo "
@@ -23,6 +24,8 @@ OPTIONS = (
     Option("dynamic_batch", bool, False, "name axis 0 of every input and output 'batch' "
            "so the model takes any batch size"),
     Option("simplify", bool, True, "simplify the exported model with onnxsim"),
+    Option("integer_hard_activations", bool, True, "int8 graphs: quantized HardSigmoid gates and HardSwish as "
+           "Add/Mul node units onnxruntime runs in int8 (it has no int8 kernel for either)"),
 )
 _LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}   # others: "torch" (as given)
 
@@ -157,6 +160,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
                         f"try exporter={_other(opts['exporter'])}") from exc
     if int8:
         meta["scales"] = onnx_qdq.check_scales(model, graph.module)
+        if opts["integer_hard_activations"]:   # after the check: these grids are the file's own
+            meta["integer_hard_activations"] = integer_hard_activations(model)
     target = Path(out_dir) / f"{graph.name}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, model.SerializeToString(deterministic=True))
