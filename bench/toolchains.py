@@ -1,12 +1,12 @@
 """graphopt's int8 against each format's own int8 toolchain, per format, on ResNet-18-, MobileNetV2-,
 MobileNetV3- and EfficientNet-B0-style models (1x3x224x224, seeded random weights).
 
-    .venv/bin/python bench/toolchains.py [--models resnet18,mobilenet_v2,mobilenet_v3,efficientnet_b0] [--runs 50]
-        [--threads 1] [--quantize OPTS] [--out bench/TOOLCHAINS.md]
+    .venv/bin/python bench/toolchains.py [--models resnet18,mobilenet_v2,mobilenet_v3,efficientnet_b0] [--runs 40]
+        [--processes 3] [--threads 1] [--quantize OPTS] [--out bench/TOOLCHAINS.md]
 
-Per model, in its own process, timed round-robin: eager fp32; graphopt fp32 (`cleanup,fold-bn,fuse`) and int8
-(plus `quantize` at its defaults, or `quantize(OPTS)`) as onnx, ptl, tflite and, after `partition(backend=xnnpack)`,
-pte, one pipeline run per precision for the four formats (the int8 run timed whole, capture to verification); each
+Per model, built in its own process and timed round-robin in fresh ones (bench/timing.py): eager fp32; graphopt
+fp32 (`cleanup,fold-bn,fuse`) and int8 (plus `quantize` at its defaults, or `quantize(OPTS)`) as onnx, ptl, tflite
+and, after `partition(backend=xnnpack)`, pte, one pipeline run per precision for the four formats (the int8 run timed whole, capture to verification); each
 format's own int8: onnxruntime `quantize_static` on graphopt's fp32 .onnx, torch.ao FX (x86), litert-torch PT2E
 (`PT2EQuantizer`), ExecuTorch PT2E (`XNNPACKQuantizer`) and, fp32, ExecuTorch's own lowering, all calibrated on the
 same 16 seeded inputs (seeds 100-115). Writes --out and a JSON beside it (--models X replaces X's entry there).
@@ -31,12 +31,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent / "tests"))
 
 import graphopt  # noqa: E402
-from graphopt.cli.bench import Subject, bench  # noqa: E402
+from graphopt.cli.bench import Subject  # noqa: E402
 from graphopt.driver import emit_all, select_emitters  # noqa: E402
 from graphopt.emit import Artifact, captured_output  # noqa: E402
 from graphopt.errors import first_line  # noqa: E402
 from graphopt.passmanager import run_pipeline  # noqa: E402
 from pte import _executorch, _seeded  # noqa: E402  (bench/pte.py)
+from timing import ratio, time_in_processes  # noqa: E402  (bench/timing.py)
 from quantize import _onnxruntime_peer, _torch_ao_peer, _xnnpack  # noqa: E402  (bench/quantize.py)
 from zoo import FAMILIES, ZOO  # noqa: E402
 
@@ -131,7 +132,8 @@ def bench_model(name: str, args) -> dict:
     build, shape = MODELS[name]
     registry, x, calibration = graphopt.load_plugins(), _seeded(shape, [0]), _seeded(shape, range(100, 116))
     model, int8 = build().eval(), f"{FP32},quantize" + (f"({args.quantize})" if args.quantize else "")
-    entry = {"shape": list(shape), "pipeline_int8": int8, "runs": args.runs, "threads": args.threads,
+    entry = {"shape": list(shape), "pipeline_int8": int8, "runs": args.runs, "processes": args.processes,
+             "threads": args.threads,
              "date": time.strftime("%Y-%m-%d %H:%M"), "subjects": {}, "verification": {}}
 
     def eager(xs):
@@ -166,10 +168,11 @@ def bench_model(name: str, args) -> dict:
                 entry["subjects"][key] = {"label": label, "format": fmt, "error": _error(exc)}
         entry["xnnpack_left_out"] = {k: dict(zip(("partitions", "ops"), _xnnpack(s.path)))   # ops: a Counter
                                      for k, s in subjects.items() if s.format == "tflite"}
-        print(f"{name}: timing {len(subjects)} subjects x {args.runs} rounds", flush=True)
-        rows = bench(list(subjects.values()), x, reference=eager(x), threads=args.threads, runs=args.runs)
-    for (key, s), r in zip(subjects.items(), rows):
-        entry["subjects"][key] = {**entry["subjects"].get(key, {}), **r.as_dict(), "path": None}   # errors: vs eager
+        print(f"{name}: timing {len(subjects)} subjects x {args.runs} rounds in {args.processes} processes", flush=True)
+        rows = time_in_processes(name, subjects, x, runs=args.runs, threads=args.threads, processes=args.processes,
+                                 folder=tmp, engines={"toolchain int8 ptl": "x86"})
+    for key, r in rows.items():
+        entry["subjects"][key] = {**entry["subjects"].get(key, {}), **r, "path": None}   # errors: vs eager
     entry["subjects"] = {k: entry["subjects"][k] for k in ORDER if k in entry["subjects"]}
     return entry
 
@@ -177,6 +180,8 @@ def bench_model(name: str, args) -> dict:
 def _ratio(entry: dict, slow: str, fast: str, what: str = "median_ms") -> float | None:
     """``what`` of ``slow`` / of ``fast`` (speed: >1, ``fast`` is faster), None if either failed."""
     a, b = entry.get("subjects", {}).get(slow, {}), entry.get("subjects", {}).get(fast, {})
+    if what == "median_ms" and a.get(what) and b.get(what):
+        return ratio(a, b)   # per timing process, then the median
     return a[what] / b[what] if a.get(what) and b.get(what) else None
 
 
@@ -198,7 +203,7 @@ def _section(name: str, e: dict) -> str:
         return f"## {name}\n\nfailed: {e['error']}\n"
     q, ours = e.get("quantize", {}), lambda fmt: f"graphopt int8 {fmt}"
     lines = [f"## {name} ({'x'.join(map(str, e['shape']))})", "",
-             f"Measured {e['date']}, {e['runs']} rounds, {e['threads']} thread(s). graphopt's int8 run (`"
+             f"Measured {e['date']}, {e['runs']} rounds x {e.get('processes', 1)} process(es), {e['threads']} thread(s). graphopt's int8 run (`"
              f"{e['pipeline_int8']}`, `{PARTITION}` on top for pte; capture, calibration, passes, emission and "
              f"verification of the four files): **{e.get('int8_seconds', '-')} s** (fp32: {e.get('fp32_seconds', '-')}"
              f" s). quantize: {q.get('int8_layers', '-')} int8 layers, {q.get('fp32_layers', '-')} kept fp32, "
@@ -255,9 +260,9 @@ def _header(args) -> str:
     return (f"# graphopt int8 vs each format's own int8 toolchain\n\n`{command.rstrip()}`\n\n"
             f"Machine: {cpu} ({platform.machine()}, {os.cpu_count()} logical CPUs, shared); "
             f"{', '.join(f'{p} {md.version(p)}' for p in PACKAGES)}; {time.strftime('%Y-%m-%d')}; {args.threads} "
-            f"thread(s), {args.runs} round-robin rounds (subjects in a seeded shuffled order each round) after 5 "
-            f"warm-up calls. Each model's subjects are timed in one "
-            f"process: compare ratios within a model. Calibration: 16 seeded N(0,1) inputs (seeds 100-115) for "
+            f"thread(s); {args.runs} round-robin rounds (subjects in a seeded shuffled order each round) after 5 "
+            f"warm-up calls, in each of {args.processes} fresh processes (bench/timing.py): a time is the median over "
+            f"the processes, a ratio the median of the per-process ratios; compare ratios within a model. Calibration: 16 seeded N(0,1) inputs (seeds 100-115) for "
             f"every toolchain; timing and cosine-vs-eager input: seed 0.\n")
 
 
@@ -273,7 +278,8 @@ def _store(path: Path, name: str | None = None, entry: dict | None = None) -> di
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help=f"comma list of {', '.join(MODELS)}")
-    parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--runs", type=int, default=40, help="round-robin rounds in each timing process")
+    parser.add_argument("--processes", type=int, default=3, help="fresh processes the rounds are repeated in")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--quantize", default="", help='quantize options, e.g. "prefer=size" (default: its defaults)')
     parser.add_argument("--out", type=Path, default=HERE / "TOOLCHAINS.md")
