@@ -11,7 +11,7 @@ from graphopt.pipeline import parse_pipeline
 from graphopt.plugins import Registry
 
 from .artifacts import bench_run, check_report_path, check_timing, cmd_bench, cmd_golden, cmd_verify  # noqa: F401
-from .console import Ui, artifacts_table, bench_table, passes_table
+from .console import Ui, artifacts_table, bench_table, macs_line, macs_vs_speed, passes_table
 
 
 def _data_hint(registry: Registry):
@@ -83,6 +83,8 @@ def cmd_run(args, registry: Registry) -> int:
     if args.bench and result.ok:
         bench_rows = bench_run(args, result, model, registry, ui)
         report["bench"] = [r.as_dict() for r in bench_rows]
+        report["bench_macs"] = macs_vs_speed(report["model"]["macs"], result.pipeline.records[-1].macs
+                                             if result.pipeline.records else report["model"]["macs"], bench_rows)
     if report_path:
         write_json_atomic(report_path, report)
     if args.json:
@@ -100,6 +102,8 @@ def cmd_run(args, registry: Registry) -> int:
         ui.print(artifacts_table(report["artifacts"]))
     if bench_rows:
         ui.print(bench_table(bench_rows))
+        if report.get("bench_macs"):
+            ui.out.print(macs_line(report["bench_macs"]), markup=False) if not ui.quiet else None
         ui.print(f"bench.json and bench.png in {out}/")
     if not result.ok:
         ui.err.print("graphopt: some artifacts did not verify; nothing was written to the output directory",

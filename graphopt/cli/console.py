@@ -94,3 +94,24 @@ def bench_table(rows) -> Table:
                   "-" if r.max_rel_err is None else f"{r.max_rel_err:.1e}",
                   "-" if r.accuracy is None else f"{r.accuracy:.2%}")
     return t
+
+
+def macs_vs_speed(model_macs: float, optimized_macs: float, rows) -> dict | None:
+    """What the pipeline took off the MACs beside what each optimized artifact measured over its
+    unoptimized export (``rows``: BenchRow objects): ``{"macs": [before, after], "reduction": x,
+    "speedups": {label: x}, "share": {label: speed-up / reduction}}``; None when the MACs are not known."""
+    if not model_macs or not optimized_macs:
+        return None
+    reduction = model_macs / optimized_macs
+    speedups = {r.label: r.speedup for r in rows if r.speedup and r.baseline and r.baseline != "eager (unoptimized)"
+                and r.baseline.endswith(" (unoptimized)")}
+    return {"macs": [model_macs, optimized_macs], "reduction": reduction, "speedups": speedups,
+            "share": {k: v / reduction for k, v in speedups.items()}}
+
+
+def macs_line(summary: dict) -> str:
+    """One line: the MAC reduction and each artifact's measured speed-up as a multiple of it."""
+    before, after = summary["macs"]
+    each = ", ".join(f"{k} {v:.2f}x ({summary['share'][k]:.0%} of it)" for k, v in summary["speedups"].items())
+    return (f"MACs {human_count(before)} -> {human_count(after)} ({summary['reduction']:.2f}x fewer); measured "
+            f"speed-up over the unoptimized export: {each or 'no artifact timed'}")

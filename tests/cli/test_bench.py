@@ -112,3 +112,23 @@ def test_eval_data_of_the_wrong_shape_is_one_line(capsys, tmp_path):
     code = main(["run", f"{ROOT / 'tests/zoo/cnn.py'}:mlp", "--input-shape", "1x16", "--out", str(tmp_path / "o"),
                  "--bench", "--runs", "1", "--eval", str(data)])
     assert code == 2 and "eval data does not fit" in capsys.readouterr().err
+
+
+def test_run_bench_sets_the_speed_up_beside_the_mac_reduction(capsys, tmp_path):
+    out = tmp_path / "out"
+    code = main(["run", f"{ROOT / 'tests/zoo/cnn.py'}:tiny_resnet", "--input-shape", "1x3x32x32", "--out", str(out),
+                 "--pipeline", "cleanup,prune(ratio=0.5),fold-bn,fuse", "--emit", "onnx", "--bench", "--runs", "3",
+                 "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    summary, rows = report["bench_macs"], {r["label"]: r for r in report["bench"]}
+    before, after = summary["macs"]
+    assert before == report["model"]["macs"] and after == report["passes"][-1]["macs"] and before / after > 2.5
+    assert summary["reduction"] == pytest.approx(before / after)
+    assert summary["speedups"] == {"tiny_resnet.onnx": rows["tiny_resnet.onnx"]["speedup"]}
+    assert summary["share"]["tiny_resnet.onnx"] == pytest.approx(rows["tiny_resnet.onnx"]["speedup"] / (before / after))
+    assert main(["run", f"{ROOT / 'tests/zoo/cnn.py'}:tiny_resnet", "--input-shape", "1x3x32x32", "--out",
+                 str(tmp_path / "text"), "--pipeline", "cleanup,prune(ratio=0.5)", "--emit", "onnx", "--bench",
+                 "--runs", "2"]) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("MACs "))
+    assert f"({before / after:.2f}x fewer)" in line and "tiny_resnet.onnx" in line and "of it)" in line
