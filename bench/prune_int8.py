@@ -1,7 +1,7 @@
 """Pruning that pays in int8: `prune(ratio=R)` + int8 against unpruned int8, per format, on ResNet-18- and
 MobileNetV2-style models (1x3x224x224, seeded random weights).
 
-    .venv/bin/python bench/prune_int8.py [--models resnet18,mobilenet_v2] [--ratio 0.5] [--runs 40] [--processes 3]
+    .venv/bin/python bench/prune_int8.py [--models resnet18,mobilenet_v2] [--ratio 0.5] [--round-to 1] [--runs 40] [--processes 3]
         [--threads 1] [--out bench/PRUNE_INT8.md]
 
 Per model: `cleanup,fold-bn,fuse,quantize` and `cleanup,prune(ratio=R),fold-bn,fuse,quantize`, each one pipeline
@@ -59,12 +59,13 @@ def bench_model(name: str, args) -> dict:
     build, shape = ZOO[name]
     registry, x, calibration = graphopt.load_plugins(), _seeded(shape, [0]), _seeded(shape, range(100, 116))
     model = build().eval()
-    entry = {"shape": list(shape), "ratio": args.ratio, "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
+    entry = {"shape": list(shape), "ratio": args.ratio, "round_to": args.round_to, "date": time.strftime("%Y-%m-%d %H:%M"), "runs": {}}
     subjects = {"eager": Subject("eager fp32", "torch", None)}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         _build("int8", "cleanup,fold-bn,fuse,quantize", model, x[0], calibration, registry, tmp, entry, subjects)
-        _build("pruned int8", f"cleanup,prune(ratio={args.ratio}),fold-bn,fuse,quantize", model, x[0], calibration,
+        _build("pruned int8", f"cleanup,prune(ratio={args.ratio}"
+               + (f",round_to={args.round_to}" if args.round_to > 1 else "") + "),fold-bn,fuse,quantize", model, x[0], calibration,
                registry, tmp, entry, subjects)
         print(f"{name}: timing {len(subjects)} subjects x {args.runs} rounds in {args.processes} processes", flush=True)
         entry["subjects"] = time_in_processes(name, subjects, x, runs=args.runs, threads=args.threads,
@@ -77,7 +78,7 @@ def bench_model(name: str, args) -> dict:
 def _table(name: str, e: dict) -> str:
     s, runs = e["subjects"], e["runs"]
     reduction = runs["int8"]["macs"] / runs["pruned int8"]["macs"]
-    lines = [f"## {name} ({'x'.join(map(str, e['shape']))}), `prune(ratio={e['ratio']})`", "",
+    lines = [f"## {name} ({'x'.join(map(str, e['shape']))}), `{runs['pruned int8']['pipeline']}`", "",
              f"Measured {e['date']}. MACs {runs['int8']['macs'] / 1e9:.3f} G -> {runs['pruned int8']['macs'] / 1e9:.3f} "
              f"G ({reduction:.2f}x fewer). Pipeline runs (capture to verification of the four files): unpruned "
              f"{runs['int8']['seconds']} s, pruned {runs['pruned int8']['seconds']} s. Eager fp32: "
@@ -98,6 +99,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--ratio", type=float, default=0.5)
+    parser.add_argument("--round-to", type=int, default=1, help="prune's round_to")
     parser.add_argument("--runs", type=int, default=40, help="round-robin rounds in each timing process")
     parser.add_argument("--processes", type=int, default=3, help="fresh processes the rounds are repeated in")
     parser.add_argument("--threads", type=int, default=1)
