@@ -16,6 +16,7 @@ from graphopt.errors import first_line
 
 from . import qdq as onnx_qdq
 from .hard import integer_hard_activations
+from .stem import space_to_depth_stems
 
 OPTIONS = (
     Option("exporter", str, "torchscript", "torch.onnx exporter: torchscript (fast) or dynamo "
@@ -26,6 +27,8 @@ OPTIONS = (
     Option("simplify", bool, True, "simplify the exported model with onnxsim"),
     Option("integer_hard_activations", bool, True, "int8 graphs: quantized HardSigmoid gates and HardSwish as "
            "Add/Mul node units onnxruntime runs in int8 (it has no int8 kernel for either)"),
+    Option("space_to_depth_stem", bool, True, "int8 graphs: a stride-2 convolution on at most 4 input channels "
+           "as a stride-1 one on SpaceToDepth input (the same integer sums, a faster kernel)"),
 )
 _LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}   # others: "torch" (as given)
 
@@ -162,6 +165,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
         meta["scales"] = onnx_qdq.check_scales(model, graph.module)
         if opts["integer_hard_activations"]:   # after the check: these grids are the file's own
             meta["integer_hard_activations"] = integer_hard_activations(model)
+        if opts["space_to_depth_stem"]:
+            meta["space_to_depth_stems"] = space_to_depth_stems(model)
     target = Path(out_dir) / f"{graph.name}.onnx"
     target.parent.mkdir(parents=True, exist_ok=True)
     write_atomic(target, model.SerializeToString(deterministic=True))

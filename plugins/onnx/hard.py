@@ -15,19 +15,7 @@ from typing import Any
 
 import numpy as np
 
-THREE = 3.0   # HardSwish(x) = x * clip(x + 3, 0, 6) / 6
-
-
-def _index(graph: Any) -> tuple[dict[str, Any], dict[str, list[Any]], dict[str, np.ndarray]]:
-    from onnx import numpy_helper
-
-    producers = {o: n for n in graph.node for o in n.output}
-    consumers: dict[str, list[Any]] = {}
-    for node in graph.node:
-        for name in node.input:
-            consumers.setdefault(name, []).append(node)
-    return producers, consumers, {i.name: numpy_helper.to_array(i) for i in graph.initializer}
-
+from .rewrite import index, replace
 
 def _unit(node: Any, producers: dict, consumers: dict, inits: dict, outputs: set) -> tuple[Any, Any] | None:
     """``(DQ, Q)`` around ``node`` when it reads one per-tensor DQ and feeds one Q only."""
@@ -52,7 +40,7 @@ def integer_hard_activations(model: Any) -> int:
     from onnx import helper, numpy_helper
 
     graph = model.graph
-    producers, consumers, inits = _index(graph)
+    producers, consumers, inits = index(graph)
     outputs = {o.name for o in graph.output}
     added, dropped, rewritten = [], [], 0
 
@@ -102,26 +90,5 @@ def integer_hard_activations(model: Any) -> int:
         dropped += [node, q] + ([dq] if len(consumers[dq.output[0]]) == 1 else [])
         rewritten += 1
     if rewritten:
-        _replace(graph, dropped, added)
+        replace(graph, dropped, added)
     return rewritten
-
-
-def _replace(graph: Any, dropped: list, added: list) -> None:
-    """``graph.node`` without ``dropped``, with ``added``, in topological order."""
-    gone = {id(n) for n in dropped}
-    pending = [n for n in graph.node if id(n) not in gone] + added
-    ready = {i.name for i in graph.input} | {i.name for i in graph.initializer} | {""}
-    ordered = []
-    while pending:
-        rest = []
-        for node in pending:
-            if all(name in ready for name in node.input):
-                ordered.append(node)
-                ready.update(node.output)
-            else:
-                rest.append(node)
-        if len(rest) == len(pending):
-            raise AssertionError("integer_hard_activations left a cycle")
-        pending = rest
-    del graph.node[:]
-    graph.node.extend(ordered)

@@ -82,7 +82,7 @@ def test_registers_the_onnx_emitter_with_its_options():
     assert emitter.suffix == ".onnx" and emitter.missing() == []
     assert {o.name: o.default for o in emitter.options} == {
         "exporter": "torchscript", "opset": 17, "dynamic_batch": False, "simplify": True,
-        "integer_hard_activations": True}
+        "integer_hard_activations": True, "space_to_depth_stem": True}
 
 
 def test_importing_the_plugin_loads_no_onnx_module():
