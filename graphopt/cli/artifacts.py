@@ -13,14 +13,30 @@ from graphopt.plugins import Registry
 from .console import Ui, artifacts_table, bench_table
 
 
-def check_report_path(path: str | None) -> Path | None:
-    """``path`` as a file to write in an existing folder (None stays None), else a UsageError."""
+def check_report_path(path: str | None, what: str = "the report") -> Path | None:
+    """``path`` as a file to write ``what`` to in an existing folder (None stays None), else a UsageError."""
     if path is None:
         return None
     p = Path(path)
-    if p.is_dir() or not p.parent.is_dir():
-        raise UsageError(f"cannot write the report to {path}: give a file in an existing directory")
+    if p.is_dir():
+        raise UsageError(f"cannot write {what} to {path}: it is a directory; give a file name")
+    if not p.parent.is_dir():
+        raise UsageError(f"cannot write {what} to {path}: directory {p.parent} does not exist")
     return p
+
+
+def _labels(paths: list[Path]) -> list[str]:
+    """Each file's name, with as many parent folders as tell files of one name apart."""
+    resolved = [p.resolve() for p in paths]
+    if len(set(resolved)) < len(resolved):
+        twice = next(p for p, r in zip(paths, resolved) if resolved.count(r) > 1)
+        raise UsageError(f"artifact {twice} is given twice")
+    depth = 1
+    while True:
+        labels = ["/".join(r.parts[-depth:]) for r in resolved]
+        if len(set(labels)) == len(labels):
+            return labels
+        depth += 1
 
 
 def cmd_verify(args, registry: Registry) -> int:
@@ -155,8 +171,8 @@ def cmd_bench(args, registry: Registry) -> int:
     ui = Ui(args.quiet, args.json)
     check_timing(args)
     files = _artifact_files(args.artifacts, registry)
-    for target in (args.plot, args.save):
-        check_report_path(target)
+    check_report_path(args.plot, "the plot")
+    check_report_path(args.save, "the results")
     if args.input_shape:
         inputs, reference = list(example_inputs([parse_shape(s) for s in args.input_shape])), None
         names = [f"input_{i}" for i in range(len(inputs))]
@@ -165,16 +181,16 @@ def cmd_bench(args, registry: Registry) -> int:
         inputs, reference, names = list(case.inputs.values()), case.outputs, list(case.inputs)
     eval_data = load_eval(Path(args.eval), names) if args.eval else None
     subjects = []
-    first = files[0][0]
-    for path, emitter in files:
+    labels = _labels([path for path, _ in files])
+    for (path, emitter), label in zip(files, labels):
         try:
             runner = emitter.load(emitter.artifact_for(path), threads=args.threads)
             if reference is None:
                 reference = runner(inputs)
         except Exception as exc:
             raise UsageError(f"{path} cannot run on these inputs: {first_line(exc)}") from exc
-        subjects.append(Subject(path.name, emitter.format, runner, path, path.stat().st_size,
-                                baseline=first.name if path != first else None))
+        subjects.append(Subject(label, emitter.format, runner, path, path.stat().st_size,
+                                baseline=labels[0] if label != labels[0] else None))
     with ui.progress("benchmarking") as progress:
         rows = bench(subjects, inputs, reference=reference, threads=args.threads, runs=args.runs,
                      eval_data=eval_data, progress=progress)

@@ -80,14 +80,14 @@ def bench(subjects: Sequence[Subject], inputs: Sequence[torch.Tensor], *, refere
     fixed order each subject always inherits the caches its predecessor leaves: two identical ExecuTorch files
     timed 0.92x apart among 14 subjects, 1.00x alone); errors against ``reference``."""
     inputs = list(inputs)
-    errors = {}
+    errors = []   # by position: two subjects may share a label
     for s in subjects:
         if progress:
             progress(f"warming up {s.label}")
         for _ in range(warmup):
             out = s.runner(inputs)
-        errors[s.label] = compare(reference, out) if reference is not None else None
-    times: dict[str, list[float]] = {s.label: [] for s in subjects}
+        errors.append(compare(reference, out) if reference is not None else None)
+    times: list[list[float]] = [[] for _ in subjects]
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
@@ -95,19 +95,18 @@ def bench(subjects: Sequence[Subject], inputs: Sequence[torch.Tensor], *, refere
         for i in range(runs):
             if progress and i % 10 == 0:
                 progress(f"timing round {i + 1}/{runs}")
-            order = list(subjects)
+            order = list(range(len(subjects)))
             shuffle(order)
-            for s in order:
+            for k in order:
                 start = time.perf_counter()
-                s.runner(inputs)
-                times[s.label].append(time.perf_counter() - start)
+                subjects[k].runner(inputs)
+                times[k].append(time.perf_counter() - start)
     finally:
         torch.set_num_threads(previous)
     rows = []
     batch = inputs[0].shape[0]
-    for s in subjects:
-        t = [x * 1e3 for x in times[s.label]]
-        m = errors[s.label]
+    for s, took, m in zip(subjects, times, errors):
+        t = [x * 1e3 for x in took]
         try:
             acc = accuracy(s.runner, *eval_data, batch) if eval_data is not None else None
         except Exception as exc:

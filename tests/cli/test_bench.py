@@ -132,3 +132,31 @@ def test_run_bench_sets_the_speed_up_beside_the_mac_reduction(capsys, tmp_path):
                  "--runs", "2"]) == 0
     line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("MACs "))
     assert f"({before / after:.2f}x fewer)" in line and "tiny_resnet.onnx" in line and "of it)" in line
+
+
+def test_two_artifacts_of_one_name_are_timed_and_checked_apart(capsys, tmp_path):
+    """a/mlp.onnx and b/mlp.onnx (the same architecture, other weights): rows of their own."""
+    other = tmp_path / "other.py"
+    other.write_text(f"import sys\nsys.path.insert(0, {str(ROOT / 'tests')!r})\nfrom zoo import cnn\n\n\n"
+                     "def mlp():\n    return cnn.mlp(seed=7)\n")
+    for folder, spec in (("a", f"{ROOT / 'tests/zoo/cnn.py'}:mlp"), ("b", f"{other}:mlp")):
+        assert main(["run", spec, "--input-shape", "1x16", "--out", str(tmp_path / folder), "--quiet"]) == 0
+    code = main(["bench", str(tmp_path / "a" / "mlp.onnx"), str(tmp_path / "b" / "mlp.onnx"), "--input-shape", "1x16",
+                 "--runs", "3", "--plot", str(tmp_path / "p.png"), "--save", str(tmp_path / "s.json"), "--json"])
+    assert code == 0
+    rows = json.loads(capsys.readouterr().out)
+    assert [r["label"] for r in rows] == ["a/mlp.onnx", "b/mlp.onnx"] and rows[1]["baseline"] == "a/mlp.onnx"
+    assert rows[0]["max_rel_err"] == 0 and rows[1]["max_rel_err"] > 0.01   # errors vs the first artifact
+    assert main(["bench", str(tmp_path / "a" / "mlp.onnx"), str(tmp_path / "a" / "mlp.onnx"), "--input-shape",
+                 "1x16"]) == 2
+    assert "is given twice" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, what", [("--plot", "the plot"), ("--save", "the results")])
+def test_bench_into_a_missing_folder_names_what_and_where(capsys, tmp_path, flag, what):
+    assert main(["run", f"{ROOT / 'tests/zoo/cnn.py'}:mlp", "--input-shape", "1x16", "--out", str(tmp_path / "o"),
+                 "--quiet"]) == 0
+    code = main(["bench", str(tmp_path / "o" / "mlp.onnx"), "--input-shape", "1x16", flag,
+                 str(tmp_path / "nowhere" / "x.png")])
+    err = capsys.readouterr().err
+    assert code == 2 and f"cannot write {what} to" in err and f"directory {tmp_path / 'nowhere'} does not exist" in err
