@@ -13,12 +13,12 @@ from .backend import Backend, NodeInfo, all_of, max_rank, op_kinds, static_shape
 
 
 def _arg(info: NodeInfo, index: int, name: str, default):
-    """A call's argument by position or keyword, or the module attribute of that name."""
+    """A call's argument by position (the input tensor is 0, for a function as for a method,
+    whose ``self`` it is) or keyword, or the module attribute of that name."""
     if info.module is not None:
         return getattr(info.module, name, default)
     node = info.node
-    args = node.args[1:] if node.op == "call_method" else node.args
-    return args[index] if len(args) > index else node.kwargs.get(name, default)
+    return node.args[index] if len(node.args) > index else node.kwargs.get(name, default)
 
 
 def _pair(v) -> tuple[int, int]:

@@ -266,3 +266,23 @@ def test_bad_backend_definitions_are_plugin_errors(tmp_path, name, error):
                       f"    return [Backend({name!r}, 'x', ops={{'relu': None}})]\n")
     with pytest.raises(PluginError, match=error):
         graphopt.load_plugins(extra=[str(plugin)])
+
+
+class Methods(nn.Module):
+    """softmax and mean called as tensor methods, positional arguments: both run on xnnpack."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 8)
+
+    def forward(self, x):
+        pooled = self.conv(x).mean([2, 3], True)
+        return self.fc(pooled.flatten(1)).softmax(-1)
+
+
+def test_method_calls_are_read_with_their_positional_arguments(registry):
+    result, report = partitioned(registry, Methods().eval(), "partition(backend=xnnpack)")
+    reasons = {r["name"]: (r["placement"], r["reason"]) for r in report["nodes"]}
+    assert reasons["mean"][1] is None and reasons["softmax"][1] is None, reasons
+    assert reasons["mean"][0] != "cpu" and reasons["softmax"][0] != "cpu"
