@@ -135,10 +135,10 @@ def check_artifact(emitter: Emitter, artifact: Artifact, cases: Sequence[Case], 
 
 
 def emit_one(graph: Graph, emitter: Emitter, options: dict, stage: Path, registry: Registry) -> Artifact:
-    """Run the emitter's ``prepare`` pipeline (verified) on a copy of ``graph``, then emit.
-    What ``prepare`` rewrote is recorded in ``artifact.meta["prepared"]``."""
-    prepared: list[dict] = []
-    if emitter.prepare:
+    """Run the emitter's ``prepare`` pipeline (verified) on ``graph`` unless it ran last, then emit (meta prepared)."""
+    prepared, ran = [], graph.meta.get("pipeline")
+    wanted = parse_pipeline(emitter.prepare).items if emitter.prepare else ()
+    if wanted and not (ran and parse_pipeline(ran).items[-len(wanted):] == wanted):   # a user's partition pass, say
         run = run_pipeline(graph, emitter.prepare, registry)
         graph = run.graph
         graph.meta["pipeline"] = ",".join(filter(None, [graph.meta.get("pipeline", ""), run.pipeline]))

@@ -2,6 +2,7 @@
 kernels for a quantized graph), the rest runs on portable kernels; verified in ExecuTorch."""
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -12,6 +13,7 @@ from torch.nn.utils import parametrize
 
 import graphopt
 from graphopt import EmitError
+from conftest import ROOT
 from graphopt.driver import optimize
 from graphopt.metrics import compare
 import graphopt_plugins.pte as pte_emitter
@@ -213,3 +215,19 @@ def test_loading_the_plugins_imports_no_executorch():
             "print(sorted(m for m in ('executorch', 'torchao') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_a_graph_partitioned_by_its_pipeline_is_not_partitioned_again(capsys, tmp_path):
+    from graphopt.cli import main
+    code = main(["run", f"{ROOT / 'tests/zoo/cnn.py'}:tiny_resnet", "--input-shape", "1x3x32x32", "--out",
+                 str(tmp_path), "--pipeline", "cleanup,fold-bn,partition(backend=xnnpack)", "--emit", "pte",
+                 "--explain", "partition", "--json"])
+    assert code == 0
+    report = json.loads(capsys.readouterr().out)
+    (artifact,) = report["artifacts"]
+    assert artifact["verified"] and "prepared" not in artifact["meta"]
+    assert [p["name"] for p in report["passes"]].count("partition(backend=xnnpack)") == 1
+    assert main(["run", f"{ROOT / 'tests/zoo/cnn.py'}:tiny_resnet", "--input-shape", "1x3x32x32", "--out",
+                 str(tmp_path / "again"), "--pipeline", "cleanup,fold-bn,partition(backend=xnnpack)", "--emit", "pte",
+                 "--explain", "partition"]) == 0
+    assert capsys.readouterr().out.count("explain partition") == 1
