@@ -81,6 +81,15 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
 
 
 @graphopt.hookimpl
+def graphopt_pass_done(record, options, ui) -> None:
+    """The run's summary says how much of the model is int8: files are named ``*_int8.*`` either way."""
+    if record.pass_name == "quantize" and "int8_layers" in record.stats:
+        n8, kept = record.stats["int8_layers"], len(record.stats["fp32_layers"])
+        ui.print(f"quantize: {n8} of {n8 + kept} layers run int8 ({record.stats['int8_macs_share']:.1%} of MACs)"
+                 + (f"; {kept} kept fp32 (--explain quantize says why)" if kept else ""))
+
+
+@graphopt.hookimpl
 def graphopt_register_passes():
     return [Pass("quantize", "Post-training static int8: Q/DQ (fake-quant) on conv/linear/add/mul/matmul/cat "
                              "inputs and outputs, per-channel int8 weights, calibrated ranges, per-layer "

@@ -256,3 +256,23 @@ def test_target_cosine_holds_on_the_inputs_the_pass_is_verified_on(registry):
     stats = run.records[-1].stats
     assert stats["fp32_layers"] and stats["int8_layers"] >= 1
     assert compare(graph.run(), run.graph.run()).cosine >= 0.995 <= stats["cosine_calibration"]
+
+
+def test_the_run_says_how_much_is_int8(capsys, tmp_path):
+    """Files are named *_int8.* however few layers are: the summary says how many and what share of MACs."""
+    import numpy as np
+
+    from conftest import ROOT
+    from graphopt.cli import main
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=np.random.default_rng(0).standard_normal((4, 3, 32, 32)).astype(np.float32))
+    argv = ["run", f"{ROOT / 'tests/zoo/cnn.py'}:tiny_resnet", "--input-shape", "1x3x32x32", "--emit", "onnx",
+            "--calib", str(calib)]
+    assert main([*argv, "--out", str(tmp_path / "a"), "--pipeline",
+                 'cleanup,fold-bn,fuse,quantize(prefer=size,exclude="layers.1.0.conv1,fc")']) == 0
+    line = next(s for s in capsys.readouterr().out.splitlines() if s.startswith("quantize: "))
+    assert line.startswith("quantize: 14 of 16 layers run int8 (") and "2 kept fp32" in line
+    share = float(line.split("(")[1].split("%")[0])
+    assert 80 < share < 100
+    assert main([*argv, "--out", str(tmp_path / "b"), "--pipeline", "cleanup,fold-bn,fuse,quantize(prefer=size)"]) == 0
+    assert "quantize: 16 of 16 layers run int8 (100.0% of MACs)\n" in capsys.readouterr().out
