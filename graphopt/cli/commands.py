@@ -30,12 +30,27 @@ def _configured_pipeline(args, registry: Registry) -> str:
     return pipeline
 
 
-def _check_names(args, registry: Registry) -> None:
-    """--explain and --print-ir-after name passes or named pipelines that exist."""
-    known = set(registry.passes) | set(registry.pipelines)
-    for name in args.explain + [p for p in args.print_ir_after if p != "all"]:
-        if name not in known:
-            raise UsageError(f"unknown pass {name!r} for --explain/--print-ir-after")
+def _check_names(args, registry: Registry, pipeline: str) -> None:
+    """--explain and --print-ir-after name passes (or named pipelines) that this run runs: the
+    pipeline's, or an emitter's ``prepare`` pass for a format asked for (explain only)."""
+    import difflib
+
+    from graphopt.driver import select_emitters
+
+    known = sorted(set(registry.passes) | set(registry.pipelines))
+    ran = registry.expand(parse_pipeline(pipeline)).items if pipeline else ()
+    runs = {i.name for i in ran} | {i.group for i in ran if i.group}
+    prepared = {i.name for emitter, _ in select_emitters(registry, args.emit) if emitter.prepare
+                for i in registry.expand(parse_pipeline(emitter.prepare)).items}
+    for flag, names, also in (("--explain", args.explain, prepared),
+                              ("--print-ir-after", [p for p in args.print_ir_after if p != "all"], set())):
+        for name in names:
+            if name not in known:
+                near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
+                raise UsageError(f"{flag} {name}: no such pass; "
+                                 + (f"did you mean {' or '.join(near)}?" if near else f"known: {', '.join(known)}"))
+            if name not in runs | also:
+                raise UsageError(f"{flag} {name}: the pipeline does not run it ({pipeline or 'empty'})")
 
 
 def cmd_run(args, registry: Registry) -> int:
@@ -55,15 +70,15 @@ def cmd_run(args, registry: Registry) -> int:
     if pipeline:
         check_needs(resolve(registry.expand(parse_pipeline(pipeline)), registry.passes), loaders,
                     _data_hint(registry))
-    _check_names(args, registry)
+    _check_names(args, registry, pipeline)
     check_timing(args)
     model = load_model(args.model, args.weights)
     inputs = example_inputs(shapes, args.seed)
     data = {key: load(model, inputs) for key, load in loaders.items()}
 
     def show_ir(name: str, code: str) -> None:
-        ui.print(f"[bold]--- IR after {name} ---[/bold]")
-        ui.out.print(code, markup=False) if not ui.quiet else None
+        ui.asked(f"[bold]--- IR after {name} ---[/bold]")
+        ui.asked(code, markup=False)
 
     def pass_done(record) -> None:   # plugins' report sections, as soon as the pass ran
         registry.hook.graphopt_pass_done(record=record, options=args, ui=ui)
@@ -95,9 +110,9 @@ def cmd_run(args, registry: Registry) -> int:
         for c in result.artifacts for p in c.artifact.meta.get("prepared", [])]
     for name, group, lines in explained:
         if name.split("(")[0].strip() in args.explain or group in args.explain:
-            ui.print(f"[bold]explain {name}{f' ({group} member)' if group else ''}[/bold]")
+            ui.asked(f"[bold]explain {name}{f' ({group} member)' if group else ''}[/bold]")
             for line in lines or ["(no candidates)"]:
-                ui.out.print(f"  {line}", markup=False) if not ui.quiet else None
+                ui.asked(f"  {line}", markup=False)
     if report["artifacts"]:
         ui.print(artifacts_table(report["artifacts"]))
     if bench_rows:

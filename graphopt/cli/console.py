@@ -63,7 +63,7 @@ class Ui:
     """Where the CLI writes: tables to stdout, progress and errors to stderr."""
 
     def __init__(self, quiet: bool = False, json_mode: bool = False):
-        self.quiet = quiet or json_mode
+        self.quiet, self.json = quiet or json_mode, json_mode
         width = None if sys.stdout.isatty() else 140   # pipes and CI logs get whole tables
         self.out = Console(file=sys.stdout, highlight=False, width=width)
         self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
@@ -71,6 +71,11 @@ class Ui:
     def print(self, *things) -> None:
         if not self.quiet:
             self.out.print(*things)
+
+    def asked(self, *things, markup: bool = True) -> None:
+        """What the user asked for by name (--print-ir-after, --explain): shown under --quiet too,
+        on stderr under --json (stdout holds the JSON)."""
+        (self.err if self.json else self.out).print(*things, markup=markup)
 
     @contextlib.contextmanager
     def progress(self, first: str) -> Iterator:

@@ -47,6 +47,13 @@ def _unchanged(out):
     (["run", MODEL, "--input-shape", SHAPE, "--weights", "nope.pt"], "weights file nope.pt does not exist"),
     (["run", MODEL], "the following arguments are required: --input-shape"),
     (["run", MODEL, "--input-shape", SHAPE, "-p", "fold-bn"], "-p takes no:NAME"),
+    (["run", MODEL, "--input-shape", SHAPE, "--print-ir-after", "fusee"], "--print-ir-after fusee: no such pass; did "
+                                                                          "you mean fuse"),
+    (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup,fold-bn", "--explain", "prune"],
+     "--explain prune: the pipeline does not run it (cleanup,fold-bn)"),
+    (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup", "--print-ir-after", "fold-bn"],
+     "--print-ir-after fold-bn: the pipeline does not run it (cleanup)"),
+    (["run", MODEL, "--input-shape", SHAPE, "--target", "xnnpak"], "did you mean xnnpack?"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(capsys, sentinel, argv, message):
@@ -179,3 +186,22 @@ def test_full_size_models_run_end_to_end(tmp_path, builder):
     assert fp16["bytes"] < 0.55 * fp32["bytes"]
     assert fp32["meta"]["inputs"][0]["layout"] == "NHWC"
     print(f"{builder}: graphopt run took {seconds:.1f} s")
+
+
+def test_ir_and_explanations_asked_for_show_under_quiet_and_json(capsys, tmp_path):
+    asked = ["--pipeline", "cleanup,fold-bn", "--print-ir-after", "fold-bn", "--explain", "fold-bn"]
+    code, stdout, err = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path / "q"), "--quiet",
+                                *asked)
+    assert code == 0 and "IR after fold-bn" in stdout and "def forward" in stdout and "folded BatchNorm2d" in stdout
+    assert "passes" not in stdout          # the rest stays quiet
+    code, stdout, err = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path / "j"), "--json",
+                                *asked)
+    assert code == 0 and json.loads(stdout)["ok"] is True
+    assert "IR after fold-bn" in err and "folded BatchNorm2d" in err
+
+
+def test_explain_names_a_pass_an_emitter_prepares_with(capsys, tmp_path):
+    pytest.importorskip("executorch")
+    code, stdout, _ = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path / "o"),
+                              "--pipeline", "cleanup,fold-bn", "--emit", "pte", "--explain", "partition")
+    assert code == 0 and "explain partition(backend=xnnpack) (preparing pte)" in stdout
