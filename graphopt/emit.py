@@ -13,6 +13,7 @@ import tempfile
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
@@ -57,6 +58,7 @@ class Emitter:
     tolerance: Tolerance = Tolerance(max_rel=1e-4, min_cosine=0.9999)
     prepare: str = ""
     precision: Callable[[Path], str] | None = None
+    takes: tuple[str, ...] = ("fp32", "fp16", "int8")   # the graph precisions it emits (checked before a run)
     option = Pass.option                          # the Option named so, or None
 
     def tolerance_for(self, options: dict) -> Tolerance:
@@ -118,22 +120,17 @@ def staging_dir(out_dir: Path) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-class Captured:
-    """What ``captured_output`` caught; ``text`` is filled in when the block exits."""
-    text = ""
-
-
 def _flush() -> None:
     for stream in {sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__} - {None}:
         stream.flush()
 
 
 @contextlib.contextmanager
-def captured_output() -> Iterator[Captured]:
+def captured_output() -> Iterator[SimpleNamespace]:
     """Keep converters' prints, warnings and logs (C++ and child processes' too) off the console: fds 1 and 2 and
-    Python's streams go to a temporary file inside the block, its text ``Captured.text`` after; warnings are ignored."""
+    Python's streams go to a temporary file inside the block, its text ``.text`` after; warnings are ignored."""
     _flush()
-    captured, saved = Captured(), [os.dup(1), os.dup(2)]
+    captured, saved = SimpleNamespace(text=""), [os.dup(1), os.dup(2)]
     with tempfile.TemporaryFile() as log, \
             open(log.fileno(), "w", buffering=1, errors="replace", closefd=False) as stream:
         try:

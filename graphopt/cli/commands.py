@@ -53,6 +53,18 @@ def _check_names(args, registry: Registry, pipeline: str) -> None:
                 raise UsageError(f"{flag} {name}: the pipeline does not run it ({pipeline or 'empty'})")
 
 
+def _check_precision(passes: list, requests: list) -> None:
+    """Each format asked for takes the precision the pipeline's graph will have (its fp16 or int8
+    pass), found before any work."""
+    from graphopt.passes import Effect
+
+    made = next(((p.name, e.value) for e in (Effect.FP16, Effect.INT8) for p, _ in passes if p.effect == e), None)
+    for emitter, _ in requests:
+        if made and made[1] not in emitter.takes:
+            raise UsageError(f"--emit {emitter.format} takes {' and '.join(emitter.takes)} graphs, and the pipeline "
+                             f"makes an {made[1]} one ({made[0]}): leave {made[0]} out for {emitter.format}")
+
+
 def cmd_run(args, registry: Registry) -> int:
     from graphopt.driver import optimize, select_emitters
     from graphopt.emit import write_json_atomic
@@ -68,8 +80,9 @@ def cmd_run(args, registry: Registry) -> int:
     pipeline = _configured_pipeline(args, registry)
     loaders = {k: v for d in registry.hook.graphopt_run_data(options=args) if d for k, v in d.items()}
     if pipeline:
-        check_needs(resolve(registry.expand(parse_pipeline(pipeline)), registry.passes), loaders,
-                    _data_hint(registry))
+        passes = resolve(registry.expand(parse_pipeline(pipeline)), registry.passes)
+        check_needs(passes, loaders, _data_hint(registry))
+        _check_precision(passes, select_emitters(registry, args.emit))
     _check_names(args, registry, pipeline)
     check_timing(args)
     model = load_model(args.model, args.weights)

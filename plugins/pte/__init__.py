@@ -108,4 +108,5 @@ def graphopt_register_emitters() -> list[Emitter]:
         description="ExecuTorch via torch.export: graphopt's xnnpack partitions as XNNPACK delegates "
                     "(int8 kernels for a quantized graph), portable kernels for the rest",
         suffix=".pte", emit=emit, load=load, modules=("executorch",), precision=precision,
-        tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999), prepare="partition(backend=xnnpack)")]
+        tolerance=Tolerance(max_rel=1e-4, min_cosine=0.9999), prepare="partition(backend=xnnpack)",
+        takes=("fp32", "int8"))]

@@ -54,6 +54,8 @@ def _unchanged(out):
     (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup", "--print-ir-after", "fold-bn"],
      "--print-ir-after fold-bn: the pipeline does not run it (cleanup)"),
     (["run", MODEL, "--input-shape", SHAPE, "--target", "xnnpak"], "did you mean xnnpack?"),
+    (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup,fp16", "--emit", "onnx,pte"],
+     "--emit pte takes fp32 and int8 graphs, and the pipeline makes an fp16 one (fp16): leave fp16 out for pte"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
 ])
 def test_bad_input_is_one_line_exit_2_and_touches_nothing(capsys, sentinel, argv, message):
