@@ -49,10 +49,10 @@ def _trace_error(model: nn.Module, tracer: _Tracer, exc: Exception) -> CaptureEr
     kind = type(model.get_submodule(path)).__name__ if path else ""
     where = f"module `{path}` ({kind})" if path else f"the top-level module ({type(model).__name__})"
     line = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else ""
-    hint = f"mark it as a leaf module (leaf_modules=[{kind}] or '{path}')" if path else \
-        "mark the offending submodule as a leaf module"
+    hint = f"mark it as a leaf module: --leaf-module {path} (in Python leaf_modules=[{kind}] or ['{path}'])" if path \
+        else "move that code into a submodule and mark it as a leaf module (--leaf-module NAME; leaf_modules=[...])"
     return CaptureError(f"torch.fx cannot trace {where}{line}: {first_line(exc)}; {hint}, "
-                        f"or fix the control-flow value with concrete_args")
+                        f"or, in Python, fix the control-flow value with concrete_args")
 
 
 def as_input_tuple(example_inputs: torch.Tensor | Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:

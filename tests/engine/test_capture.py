@@ -59,7 +59,8 @@ def test_untraceable_model_names_module_and_source_line():
     msg = str(info.value)
     assert "module `body.1` (Gate)" in msg
     assert "test_capture.py" in msg and "if x.sum() > 0:" in msg
-    assert "leaf_modules=[Gate]" in msg and "concrete_args" in msg
+    assert "--leaf-module body.1 (in Python leaf_modules=[Gate] or ['body.1'])" in msg   # the CLI's words first
+    assert "in Python, fix the control-flow value with concrete_args" in msg
     assert "\n" not in msg
 
 
