@@ -49,6 +49,8 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--pipeline", help="pass pipeline, e.g. cleanup,fold-bn (default: the default pipeline)")
     run.add_argument("--emit", default="onnx", help="comma-separated formats (see graphopt emitters)")
     run.add_argument("--out", default="out", help="output directory for artifacts (default: out)")
+    run.add_argument("--name", type=_name, help="the artifacts' base name (default: the callable's name, as in "
+                                                "path/to/file.py:NAME)")
     run.add_argument("--report", help="write the report JSON here")
     run.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     run.add_argument("--leaf-module", action="append", default=[], metavar="QUALNAME",
@@ -112,6 +114,12 @@ def _count(text: str) -> int:
     if not text.isdigit():
         raise argparse.ArgumentTypeError(f"takes a whole number >= 0, got {text!r}")
     return int(text)
+
+
+def _name(text: str) -> str:
+    if not text or text in (".", "..") or any(c in text for c in '/\\\0'):
+        raise argparse.ArgumentTypeError(f"takes a file name without folders, got {text!r}")
+    return text
 
 
 def _timing(p: argparse.ArgumentParser) -> None:

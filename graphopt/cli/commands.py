@@ -98,7 +98,7 @@ def cmd_run(args, registry: Registry) -> int:
 
     with ui.progress("starting") as progress:
         result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
-                          model_spec=args.model, name=args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
+                          model_spec=args.model, name=args.name or args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
                           verify_inputs=args.verify_inputs, leaf_modules=args.leaf_module, data=data,
                           print_ir_after=args.print_ir_after, on_ir=show_ir, on_pass=pass_done, progress=progress)
     report = result.report

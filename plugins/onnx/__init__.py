@@ -45,6 +45,20 @@ def _declared_inputs(graph: graphopt.Graph) -> tuple[torch.Tensor, ...]:
                  for n, t in zip(nodes, graph.example_inputs))
 
 
+def _output_names(graph: graphopt.Graph) -> list[str]:
+    """The outputs' names in the file: the dict keys and named-tuple fields on each output's path
+    (``logits``, ``aux.0``); ``output_<i>`` for a tensor or plain tuples and lists."""
+    from torch.utils._pytree import GetAttrKey, MappingKey, tree_flatten_with_path
+
+    with torch.no_grad():
+        leaves = [path for path, value in tree_flatten_with_path(graph.module(*_declared_inputs(graph)))[0]
+                  if isinstance(value, torch.Tensor)]
+    names = [".".join(str(k.key) if isinstance(k, MappingKey) else k.name if isinstance(k, GetAttrKey) else
+                      str(getattr(k, "idx", k)) for k in path) for path in leaves]
+    named = any(isinstance(k, (MappingKey, GetAttrKey)) for path in leaves for k in path)
+    return names if named and len(set(names)) == len(names) else [f"output_{i}" for i in range(len(leaves))]
+
+
 def _export(graph: graphopt.Graph, opts: dict, output_names: list[str]) -> Any:
     """The exported ``onnx.ModelProto``; an export failure is an EmitError."""
     import onnx
@@ -144,7 +158,7 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     if int8 and opts["opset"] < 13:
         raise EmitError(f"{graph.name} is quantized: its per-channel int8 weights need opset 13 or later, "
                         f"got opset={opts['opset']}")
-    model = _export(graph, opts, [f"output_{i}" for i in range(len(graph.run()))])
+    model = _export(graph, opts, _output_names(graph))
     meta: dict[str, Any] = {"exporter": opts["exporter"], "simplified": False}
     if opts["simplify"]:   # onnxsim leaves Q/DQ nodes alone: onnxruntime fuses the same int8 units after it
         model, why = _simplify(model)

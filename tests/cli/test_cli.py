@@ -54,6 +54,7 @@ def _unchanged(out):
     (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup", "--print-ir-after", "fold-bn"],
      "--print-ir-after fold-bn: the pipeline does not run it (cleanup)"),
     (["run", MODEL, "--input-shape", SHAPE, "--target", "xnnpak"], "did you mean xnnpack?"),
+    (["run", MODEL, "--input-shape", SHAPE, "--name", "../up"], "--name: takes a file name without folders"),
     (["run", MODEL, "--input-shape", SHAPE, "--pipeline", "cleanup,fp16", "--emit", "onnx,pte"],
      "--emit pte takes fp32 and int8 graphs, and the pipeline makes an fp16 one (fp16): leave fp16 out for pte"),
     (["frobnicate"], "invalid choice: 'frobnicate'"),
@@ -207,3 +208,9 @@ def test_explain_names_a_pass_an_emitter_prepares_with(capsys, tmp_path):
     code, stdout, _ = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path / "o"),
                               "--pipeline", "cleanup,fold-bn", "--emit", "pte", "--explain", "partition")
     assert code == 0 and "explain partition(backend=xnnpack) (preparing pte)" in stdout
+
+
+def test_name_sets_the_artifacts_base_name(capsys, tmp_path):
+    code, _, _ = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path), "--name", "edge",
+                         "--emit", "onnx", "--quiet")
+    assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["edge.onnx"]

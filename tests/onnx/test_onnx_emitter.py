@@ -1,6 +1,7 @@
 """The ONNX emitter: structure of the exported file, numbers through onnxruntime, options."""
 from __future__ import annotations
 
+import collections
 import json
 import subprocess
 import sys
@@ -125,6 +126,36 @@ def test_two_outputs_keep_their_order(tmp_path):
     assert [o.name for o in model.graph.output] == ["output_0", "output_1"]
     outputs = onnx_emitter.load(artifact, threads=1)(graph.example_inputs)
     assert [tuple(o.shape) for o in outputs] == [(2, 4, 8, 8), (2, 4)]
+    _assert_close(graph, artifact)
+
+
+class DictOut(nn.Module):
+    """A dict of a tensor and a list, as detection and segmentation heads return."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(4, 4)
+
+    def forward(self, x):
+        y = self.fc(x)
+        return {"logits": y, "aux": [y * 2, y.sigmoid()]}
+
+
+Boxes = collections.namedtuple("Boxes", "boxes scores")
+
+
+class NamedOut(DictOut):
+    def forward(self, x):
+        y = self.fc(x)
+        return Boxes(y, y.softmax(-1))
+
+
+@pytest.mark.parametrize("model, names", [(DictOut, ["logits", "aux.0", "aux.1"]), (NamedOut, ["boxes", "scores"])])
+def test_dict_and_named_tuple_outputs_keep_their_names(tmp_path, model, names):
+    graph = graphopt.capture(model(), (torch.randn(1, 4),))
+    artifact = onnx_emitter.emit(graph, {}, tmp_path)
+    assert [o.name for o in onnx.load(artifact.path).graph.output] == names
+    assert [v["name"] for v in artifact.meta["outputs"]] == names
     _assert_close(graph, artifact)
 
 
