@@ -17,7 +17,7 @@ from graphopt import Effect, Option, Pass, PassContext, PassResult
 from graphopt.graph import annotate, flatten_outputs
 from graphopt.metrics import compare
 
-from .apply import MaskedRun, apply, plan
+from .apply import MaskedRun, Surgery, apply, pins, plan, scalars
 from .deps import Analysis, Group
 from .importance import CRITERIA, Choice, parse_overrides, select, unit_scores
 from .rules import propagate
@@ -128,7 +128,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         if o["target_params"] else None
     steps, stats = o["steps"], {"groups": 0, "pruned_groups": 0, "frozen_groups": 0, "channels_removed": 0}
     for step in range(steps):
-        annotate(gm, inputs)
+        before = scalars(gm, inputs)            # annotates gm too
         clock = time.perf_counter()
         a = propagate(gm)
         groups = a.groups()
@@ -142,6 +142,10 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         surgery.decomposed = split if step == 0 else []
         pruned = copy.deepcopy(gm)
         apply(pruned, surgery)
+        if pinned := pins(pruned, before, scalars(pruned, inputs)):
+            apply(pruned, Surgery(constants=pinned))
+            for name, changes in pinned.items():
+                surgery.constants.setdefault(name, []).extend(changes)
         prefix = f"step {step + 1}: " if steps > 1 else ""
         for g in groups:
             _explain(ctx, g, scores[g.index], choices[g.index], prefix)

@@ -4,6 +4,7 @@ removed ids, applied to a module, and replayed from JSON. The mask oracle lives 
 the unpruned graph with the removed channels zeroed after every node."""
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 from typing import Any, Iterator
 
@@ -12,6 +13,8 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
+
+from graphopt.graph import annotate
 
 from .deps import Analysis
 from .rules_base import shape
@@ -191,6 +194,33 @@ def _frozen(x):
     if isinstance(x, dict):
         return {k: _frozen(v) for k, v in x.items()}
     return x
+
+
+_ARITHMETIC = {operator.mul, operator.truediv, operator.add, operator.sub, torch.mul, torch.div, torch.add,
+               torch.sub, "mul", "div", "add", "sub"}
+
+
+def scalars(gm: fx.GraphModule, inputs) -> dict[str, float]:
+    """Each node's value that is a Python number on ``inputs`` (shape arithmetic, ``C // heads``),
+    by node name; annotates ``gm`` as it runs."""
+    values: dict[str, float] = {}
+    annotate(gm, inputs, record=lambda n, v: values.__setitem__(n.name, v)
+             if isinstance(v, (int, float)) and not isinstance(v, bool) else None)
+    return values
+
+
+def pins(pruned: fx.GraphModule, before: dict[str, float], after: dict[str, float]) -> dict[str, list]:
+    """Surgery constants: tensor arithmetic whose number operand, computed from shapes, pruning
+    changed, keeps the number it had (the mask oracle's): ``scores * (C // heads) ** -0.5`` with C
+    pruned scales as before, while the reshape by ``C // heads`` follows the pruned size."""
+    out: dict[str, list] = {}
+    for node in pruned.graph.nodes:
+        if node.target not in _ARITHMETIC or "graphopt.shape" not in node.meta:   # a tensor result only
+            continue
+        for i, arg in enumerate(node.args):
+            if isinstance(arg, fx.Node) and arg.name in before and after.get(arg.name) != before[arg.name]:
+                out.setdefault(node.name, []).append((["args", i], before[arg.name]))
+    return out
 
 
 # -------------------------------------------------------------------------- oracle

@@ -2,6 +2,8 @@
 manager against the mask-then-prune oracle, plus the structure the rule must produce."""
 from __future__ import annotations
 
+import operator
+
 
 import numpy as np
 import pytest
@@ -174,6 +176,18 @@ def test_attention_prunes_head_dims_and_rewrites_reshapes(registry):
     assert not modules(run, nn.MultiheadAttention), "MultiheadAttention is split into its projections"
     assert linears["blocks.1.self_attention.q_proj"].out_features == linears["blocks.1.self_attention.k_proj"].out_features
     assert linears["blocks.1.self_attention.v_proj"].out_features == linears["blocks.1.self_attention.out_proj"].in_features
+
+
+def test_a_scale_computed_from_the_pruned_width_keeps_its_value(registry):
+    """``(C // heads) ** -0.5`` with C pruned: the reshape follows the pruned width, the scale does
+    not (the mask oracle's, which the pass is verified against)."""
+    graph, run = prune(registry, "shape_scaled_attention")
+    qkv = modules(run, nn.Linear)["attn.qkv"]
+    assert qkv.in_features < 32 and qkv.out_features == 3 * qkv.in_features
+    (scaled,) = [n for n in run.graph.module.graph.nodes if n.target is operator.mul]
+    assert scaled.args[1] == pytest.approx(8 ** -0.5)             # pinned: 32 // 4 = 8 before pruning
+    plan = run.graph.module.meta["graphopt.prune.plan"][-1]["constants"]
+    assert [(["args", 1], pytest.approx(8 ** -0.5))] == plan[scaled.name]
 
 
 def test_flatten_into_linear_removes_whole_spatial_blocks(registry):

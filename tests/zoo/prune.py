@@ -272,6 +272,37 @@ def attention(*, seed: int = 0) -> Transformer:
     return _init(Transformer([timm_block, MHABlock(32, 4)], 32))
 
 
+class ShapeScaledAttention(nn.Module):
+    """Attention written out by hand: width, head size and scale all read from the input's shape,
+    ``(C // heads) ** -0.5``; no residual, so C itself is prunable."""
+
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads, self.qkv, self.proj = heads, nn.Linear(dim, 3 * dim), nn.Linear(dim, dim)
+
+    def forward(self, x):
+        B, N, C = x.shape
+        scale = (C // self.heads) ** -0.5
+        q, k, v = self.qkv(x).reshape(B, N, 3, self.heads, C // self.heads).permute(2, 0, 3, 1, 4)
+        attn = ((q @ k.transpose(-2, -1)) * scale).softmax(dim=-1)
+        return self.proj((attn @ v).transpose(1, 2).reshape(B, N, C))
+
+
+class TokenMeanHead(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.embed, self.attn, self.head = nn.Linear(16, dim), ShapeScaledAttention(dim, 4), nn.Linear(dim, NUM_CLASSES)
+
+    def forward(self, x):
+        return self.head(self.attn(self.embed(x)).mean(1))
+
+
+def shape_scaled_attention(*, seed: int = 0) -> TokenMeanHead:
+    """Linear(16, 32) embedding -> hand-written 4-head attention -> mean over tokens -> head, on 1x8x16."""
+    torch.manual_seed(seed)
+    return _init(TokenMeanHead(32))
+
+
 # --------------------------------------------------------------------- flatten linear
 
 class FlattenLinear(nn.Module):
@@ -421,6 +452,7 @@ PRUNE_ZOO = {
     "group_conv": (group_conv, (1, 3, 16, 16)),
     "layernorm_permute": (layernorm_permute, (1, 3, 16, 16)),
     "attention": (attention, (1, 8, 32)),
+    "shape_scaled_attention": (shape_scaled_attention, (1, 8, 16)),
     "flatten_linear": (flatten_linear, (1, 3, 16, 16)),
     "hardcoded_split": (hardcoded_split, (1, 3, 16, 16)),
     "embedding": (embedding, (1, 8)),
