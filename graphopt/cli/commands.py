@@ -1,12 +1,14 @@
 """What each CLI subcommand does, given parsed arguments and the plugin registry."""
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 from rich.table import Table
 
+from graphopt import __version__
 from graphopt.cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
-from graphopt.errors import UsageError
+from graphopt.errors import GraphoptError, UsageError
 from graphopt.pipeline import parse_pipeline
 from graphopt.plugins import Registry
 
@@ -65,8 +67,17 @@ def _check_precision(passes: list, requests: list) -> None:
                              f"makes an {made[1]} one ({made[0]}): leave {made[0]} out for {emitter.format}")
 
 
+def _explain(args, ui: Ui, explained: list[tuple[str, str, list[str]]]) -> None:
+    """The --explain sections: each ``(pass, group, lines)`` asked for by its name or its group's."""
+    for name, group, lines in explained:
+        if name.split("(")[0].strip() in args.explain or group in args.explain:
+            ui.asked(f"[bold]explain {name}{f' ({group} member)' if group else ''}[/bold]")
+            for line in lines or ["(no candidates)"]:
+                ui.asked(f"  {line}", markup=False)
+
+
 def cmd_run(args, registry: Registry) -> int:
-    from graphopt.driver import optimize, select_emitters
+    from graphopt.driver import REPORT_VERSION, optimize, select_emitters
     from graphopt.emit import write_json_atomic
     from graphopt.passmanager import check_needs
     from graphopt.pipeline import resolve
@@ -93,14 +104,31 @@ def cmd_run(args, registry: Registry) -> int:
         ui.asked(f"[bold]--- IR after {name} ---[/bold]")
         ui.asked(code, markup=False)
 
+    done: list = []
+
     def pass_done(record) -> None:   # plugins' report sections, as soon as the pass ran
+        done.append(record)
         registry.hook.graphopt_pass_done(record=record, options=args, ui=ui)
 
-    with ui.progress("starting") as progress:
-        result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
-                          model_spec=args.model, name=args.name or args.model.rsplit(":", 1)[-1], verify=not args.no_verify,
-                          verify_inputs=args.verify_inputs, leaf_modules=args.leaf_module, data=data,
-                          print_ir_after=args.print_ir_after, on_ir=show_ir, on_pass=pass_done, progress=progress)
+    name, started = args.name or args.model.rsplit(":", 1)[-1], time.perf_counter()
+    try:
+        with ui.progress("starting") as progress:
+            result = optimize(model, inputs, registry, pipeline=pipeline, formats=args.emit, out_dir=out,
+                              model_spec=args.model, name=name, verify=not args.no_verify,
+                              verify_inputs=args.verify_inputs, leaf_modules=args.leaf_module, data=data,
+                              print_ir_after=args.print_ir_after, on_ir=show_ir, on_pass=pass_done,
+                              progress=progress)
+    except GraphoptError as exc:   # what ran is kept: the report, the explanations asked for
+        failed = {"version": REPORT_VERSION, "graphopt": __version__, "model": {"spec": args.model, "name": name},
+                  "pipeline": pipeline, "passes": [r.as_dict() for r in done], "artifacts": [], "ok": False,
+                  "error": str(exc), "failed_pass": getattr(exc, "pass_name", "") or None,
+                  "seconds": round(time.perf_counter() - started, 3)}
+        if report_path:
+            write_json_atomic(report_path, failed)
+        if args.json:
+            dump_json(failed)
+        _explain(args, ui, [(r.name, r.group, r.explanations) for r in done])
+        raise
     report = result.report
     if result.ok:
         files = [f for names in registry.hook.graphopt_run_done(result=result, options=args, out_dir=out, ui=ui)
@@ -118,14 +146,9 @@ def cmd_run(args, registry: Registry) -> int:
     if args.json:
         dump_json(report)
     ui.print(passes_table(report["model"], result.pipeline.records))
-    explained = [(rec.name, rec.group, rec.explanations) for rec in result.pipeline.records] + [
+    _explain(args, ui, [(rec.name, rec.group, rec.explanations) for rec in result.pipeline.records] + [
         (f"{p['pass']} (preparing {c.artifact.format})", p.get("group", ""), p["explanations"])
-        for c in result.artifacts for p in c.artifact.meta.get("prepared", [])]
-    for name, group, lines in explained:
-        if name.split("(")[0].strip() in args.explain or group in args.explain:
-            ui.asked(f"[bold]explain {name}{f' ({group} member)' if group else ''}[/bold]")
-            for line in lines or ["(no candidates)"]:
-                ui.asked(f"  {line}", markup=False)
+        for c in result.artifacts for p in c.artifact.meta.get("prepared", [])])
     if report["artifacts"]:
         ui.print(artifacts_table(report["artifacts"]))
     if bench_rows:

@@ -214,3 +214,42 @@ def test_name_sets_the_artifacts_base_name(capsys, tmp_path):
     code, _, _ = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path), "--name", "edge",
                          "--emit", "onnx", "--quiet")
     assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["edge.onnx"]
+
+
+BREAKS = '''
+import operator
+import graphopt
+from graphopt import Effect, Pass, PassResult
+
+
+def _run(gm, ctx):
+    ctx.explain("doubled the output")
+    out = next(n for n in gm.graph.nodes if n.op == "output")
+    with gm.graph.inserting_before(out):
+        doubled = gm.graph.call_function(operator.mul, (out.args[0], 2.0))
+    out.args = (doubled,)
+    gm.recompile()
+    return PassResult(gm, True, {})
+
+
+@graphopt.hookimpl
+def graphopt_register_passes():
+    return [Pass("breaks", "claims exact, doubles the output", _run, Effect.EXACT)]
+'''
+
+
+def test_a_failed_run_leaves_a_report_and_the_explanations_asked_for(capsys, tmp_path):
+    plugin = tmp_path / "breaks.py"
+    plugin.write_text(BREAKS)
+    report = tmp_path / "r.json"
+    argv = ["run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path / "o"), "--plugin", str(plugin),
+            "--pipeline", "cleanup,fold-bn,breaks", "--explain", "fold-bn", "--report", str(report)]
+    code, stdout, err = run_cli(capsys, *argv)
+    assert code == 2 and "pass breaks (after cleanup, fold-bn) changed the outputs" in err
+    assert "explain fold-bn" in stdout and "folded BatchNorm2d" in stdout
+    r = json.loads(report.read_text())
+    assert r["ok"] is False and r["failed_pass"] == "breaks" and r["error"] in err
+    assert [p["name"] for p in r["passes"]] == ["cleanup", "fold-bn"] and r["passes"][1]["stats"]["folded"] > 0
+    assert r["artifacts"] == [] and r["model"]["spec"] == MODEL
+    code, stdout, err = run_cli(capsys, *argv[:-2], "--json")
+    assert code == 2 and json.loads(stdout)["ok"] is False and "explain fold-bn" in err
