@@ -7,7 +7,7 @@ from rich.table import Table
 
 from graphopt.cli import EXIT_OK, EXIT_UNVERIFIED, dump_json
 from graphopt.emit import Emitter
-from graphopt.errors import UsageError, first_line
+from graphopt.errors import GraphoptError, UsageError, first_line
 from graphopt.plugins import Registry
 
 from .console import Ui, artifacts_table, bench_table
@@ -23,6 +23,12 @@ def check_report_path(path: str | None, what: str = "the report") -> Path | None
     if not p.parent.is_dir():
         raise UsageError(f"cannot write {what} to {path}: directory {p.parent} does not exist")
     return p
+
+
+def _why(exc: BaseException) -> str:
+    """graphopt's own message whole (a runner's error keeps the runtime's sentence: onnxruntime's
+    shape errors span lines), anything else's first line."""
+    return " ".join(str(exc).split()) if isinstance(exc, GraphoptError) else first_line(exc)
 
 
 def _labels(paths: list[Path]) -> list[str]:
@@ -51,7 +57,7 @@ def cmd_verify(args, registry: Registry) -> int:
             outputs = outputs_of(artifact, list(case.inputs.values()))
             metrics = compare(case.outputs, outputs)
         except Exception as exc:
-            raise UsageError(f"{path} cannot be checked against this reference: {first_line(exc)}") from exc
+            raise UsageError(f"{path} cannot be checked against this reference: {_why(exc)}") from exc
         problems = artifact_tolerance(tolerances, emitter, artifact).violations(metrics)
         rows.append({"format": emitter.format, "path": str(path), "bytes": path.stat().st_size,
                      "verified": not problems, "problems": problems, "max_abs_err": metrics.max_abs,
@@ -188,7 +194,7 @@ def cmd_bench(args, registry: Registry) -> int:
             if reference is None:
                 reference = runner(inputs)
         except Exception as exc:
-            raise UsageError(f"{path} cannot run on these inputs: {first_line(exc)}") from exc
+            raise UsageError(f"{path} cannot run on these inputs: {_why(exc)}") from exc
         subjects.append(Subject(label, emitter.format, runner, path, path.stat().st_size,
                                 baseline=labels[0] if label != labels[0] else None))
     with ui.progress("benchmarking") as progress:

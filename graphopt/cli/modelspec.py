@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import os
+import pickle
 import re
 import sys
 from pathlib import Path
@@ -76,12 +77,37 @@ def load_model(spec: str, weights: str | None = None) -> nn.Module:
             raise UsageError(f"weights file {weights} does not exist")
         try:
             state = torch.load(path, map_location="cpu", weights_only=True)
-            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
-                state = state["state_dict"]
-            model.load_state_dict(state)
+        except pickle.UnpicklingError as exc:   # torch's message carries ANSI codes and a page of advice
+            raise UsageError(f"{weights} is not a plain state_dict (weights_only=True will not unpickle the "
+                             f"objects in it, e.g. a whole pickled model); save model.state_dict() instead") from exc
         except Exception as exc:
-            raise UsageError(f"cannot load weights {weights} into {spec}: {first_line(exc)}") from exc
+            raise UsageError(f"cannot read weights {weights}: {_ANSI.sub('', first_line(exc))}") from exc
+        if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+            state = state["state_dict"]
+        if not isinstance(state, dict):
+            raise UsageError(f"{weights} holds a {type(state).__name__}, not a state_dict")
+        if problems := _mismatch(model.state_dict(), state):
+            raise UsageError(f"cannot load weights {weights} into {spec}: {problems}")
+        model.load_state_dict(state)
     return model
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _mismatch(expected: dict, given: dict, show: int = 4) -> str:
+    """What keeps ``given`` from loading where ``expected`` is: missing and unexpected keys, and
+    shapes that differ, a few of each named (empty when it loads)."""
+    def some(keys: list) -> str:
+        return ", ".join(keys[:show]) + (f" and {len(keys) - show} more" if len(keys) > show else "")
+
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    shapes = [f"{k} is {'x'.join(map(str, given[k].shape))} in the file, {'x'.join(map(str, v.shape))} in the model"
+              for k, v in expected.items() if k in given and hasattr(given[k], "shape") and given[k].shape != v.shape]
+    return "; ".join(part for part in (f"{len(missing)} missing ({some(missing)})" if missing else "",
+                                       f"{len(unexpected)} unexpected ({some(unexpected)})" if unexpected else "",
+                                       some(shapes) if shapes else "") if part)
 
 
 def load_train_function(spec: str):

@@ -253,3 +253,30 @@ def test_a_failed_run_leaves_a_report_and_the_explanations_asked_for(capsys, tmp
     assert r["artifacts"] == [] and r["model"]["spec"] == MODEL
     code, stdout, err = run_cli(capsys, *argv[:-2], "--json")
     assert code == 2 and json.loads(stdout)["ok"] is False and "explain fold-bn" in err
+
+
+def test_weights_errors_keep_what_the_user_needs_to_act(capsys, tmp_path, sentinel):
+    import torch
+
+    from zoo.cnn import tiny_resnet
+    state = tiny_resnet().state_dict()
+    cases = {
+        "keys.pt": ({**{k: v for k, v in state.items() if k != "fc.bias"}, "head.weight": torch.zeros(1)},
+                    "1 missing (fc.bias); 1 unexpected (head.weight)"),
+        "shape.pt": ({**state, "fc.weight": torch.zeros(3, state["fc.weight"].shape[1])},
+                     f"fc.weight is 3x{state['fc.weight'].shape[1]} in the file, "
+                     f"{'x'.join(map(str, state['fc.weight'].shape))} in the model"),
+        "whole.pt": (tiny_resnet(), "is not a plain state_dict"),
+    }
+    for name, (content, message) in cases.items():
+        torch.save(content, tmp_path / name)
+        code, _, err = run_cli(capsys, "run", MODEL, "--input-shape", SHAPE, "--weights", str(tmp_path / name),
+                               "--out", str(sentinel))
+        assert code == 2 and message in err and "\x1b[" not in err and err.count("\n") == 1, err
+    _unchanged(sentinel)
+
+
+def test_a_runtime_error_is_kept_whole(capsys, tmp_path):
+    assert main(["run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path), "--quiet"]) == 0
+    code, _, err = run_cli(capsys, "bench", str(tmp_path / "tiny_resnet.onnx"), "--input-shape", "1x3x16x16")
+    assert code == 2 and "index: 2 Got: 16 Expected: 32" in err and err.count("\n") == 1
