@@ -17,7 +17,8 @@ from graphopt import Effect, Option, Pass, PassContext, PassResult
 from graphopt.graph import annotate, flatten_outputs
 from graphopt.metrics import compare
 
-from .apply import MaskedRun, Surgery, apply, pins, plan, scalars
+from .apply import Surgery, apply, pins, plan, scalars
+from .oracle import MaskedRun, diverging
 from .deps import Analysis, Group
 from .importance import CRITERIA, Choice, parse_overrides, select, unit_scores
 from .rules import propagate
@@ -149,8 +150,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         prefix = f"step {step + 1}: " if steps > 1 else ""
         for g in groups:
             _explain(ctx, g, scores[g.index], choices[g.index], prefix)
-        if step < steps - 1:
-            _verify_step(a, removed, pruned, inputs, step + 1)
+        _verify_step(a, removed, pruned, inputs, step + 1 if steps > 1 else None)
         plans.append(surgery.as_dict())
         stats["groups"] = len(groups)
         stats["pruned_groups"] += sum(1 for c in choices.values() if c.removed)
@@ -162,13 +162,15 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
     return PassResult(gm, stats["channels_removed"] > 0 or bool(split), stats)
 
 
-def _verify_step(a: Analysis, removed: np.ndarray, pruned: fx.GraphModule, inputs, step: int) -> None:
-    """An inner step of an iterative prune, checked against its own mask oracle (the pass
-    manager checks the last)."""
+def _verify_step(a: Analysis, removed: np.ndarray, pruned: fx.GraphModule, inputs, step: int | None) -> None:
+    """Each step checked against its own mask oracle here, where a difference can be traced to the
+    first node that makes it (the pass manager checks the outputs of the last on every input set)."""
     problems = graphopt.Effect.STRUCTURAL.tolerance.violations(
         compare(_masked(a, removed, inputs), flatten_outputs(pruned(*inputs))))
     if problems:
-        raise ValueError(f"step {step} does not match its mask oracle: {'; '.join(problems)}")
+        where = diverging(a, removed, pruned, inputs)
+        raise ValueError(f"{f'step {step} ' if step else 'the pruned graph '}does not match its mask oracle: "
+                         f"{'; '.join(problems)}" + (f"; first diverging node {where}" if where else ""))
 
 
 def _masked(a: Analysis, removed: np.ndarray, inputs) -> list[torch.Tensor]:

@@ -1,7 +1,6 @@
 """Physically remove channels: a :class:`Surgery` (which indices every parameter keeps, the
 new sizes of the layers, the graph constants that change) computed from an analysis and the
-removed ids, applied to a module, and replayed from JSON. The mask oracle lives here too:
-the unpruned graph with the removed channels zeroed after every node."""
+removed ids, applied to a module, and replayed from JSON (the mask oracle: ``oracle.py``)."""
 from __future__ import annotations
 
 import operator
@@ -221,60 +220,3 @@ def pins(pruned: fx.GraphModule, before: dict[str, float], after: dict[str, floa
             if isinstance(arg, fx.Node) and arg.name in before and after.get(arg.name) != before[arg.name]:
                 out.setdefault(node.name, []).append((["args", i], before[arg.name]))
     return out
-
-
-# -------------------------------------------------------------------------- oracle
-
-class MaskedRun(fx.Interpreter):
-    """The unpruned graph with every removed channel zeroed after each node; norms whose
-    statistics run over a pruned dim are computed on the kept channels only."""
-
-    def __init__(self, a: Analysis, removed: np.ndarray):
-        super().__init__(a.gm)
-        self.a, self.removed = a, removed
-
-    def _keep(self, node: fx.Node, d: int) -> torch.Tensor | None:
-        labels = self.a.labels.get(node)
-        arr = labels.get(d) if isinstance(labels, dict) else None
-        if arr is None:
-            return None
-        keep = self.a.kept(arr, self.removed)
-        return None if keep.all() else torch.from_numpy(keep)
-
-    def run_node(self, n: fx.Node) -> Any:
-        kind = self.a.norms.get(n.name)
-        result = self._norm(n, kind) if kind else super().run_node(n)
-        if isinstance(result, torch.Tensor) and result.is_floating_point():
-            for d in (self.a.labels.get(n) or {}) if isinstance(self.a.labels.get(n), dict) else ():
-                keep = self._keep(n, d)
-                if keep is not None:
-                    shape_ = [1] * result.dim()
-                    shape_[d] = -1
-                    result = result * keep.to(result.dtype).reshape(shape_)
-        return result
-
-    def _norm(self, n: fx.Node, kind: str) -> torch.Tensor:
-        args, kwargs = self.fetch_args_kwargs_from_env(n)
-        x = args[0]
-        d = x.dim() - 1 if kind == "layer_norm" else 1
-        keep = self._keep(n.args[0], d)
-        if keep is None:
-            return super().run_node(n)
-        idx = torch.nonzero(keep).flatten()
-        part = x.index_select(d, idx)
-        if n.op == "call_module":
-            m = self.module.get_submodule(n.target)
-            w = m.weight.index_select(0, idx) if m.weight is not None else None
-            b = m.bias.index_select(0, idx) if m.bias is not None else None
-            if kind == "layer_norm":
-                y = F.layer_norm(part, (len(idx),), w, b, m.eps)
-            else:
-                groups = len(idx) if m.num_groups == m.num_channels else m.num_groups
-                y = F.group_norm(part, groups, w, b, m.eps)
-        else:
-            w, b = (args[2] if len(args) > 2 else kwargs.get("weight")), (args[3] if len(args) > 3 else kwargs.get("bias"))
-            eps = args[4] if len(args) > 4 else kwargs.get("eps", 1e-5)
-            y = F.layer_norm(part, (len(idx),), None if w is None else w.index_select(0, idx),
-                             None if b is None else b.index_select(0, idx), eps)
-        out = torch.zeros_like(x)
-        return out.index_copy(d, idx, y)

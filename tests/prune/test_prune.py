@@ -18,7 +18,7 @@ from graphopt.graph import annotate
 from graphopt.metrics import compare
 from graphopt.passmanager import run_pipeline
 import graphopt_plugins.prune.rules as prune_rules
-from graphopt_plugins.prune.apply import MaskedRun
+from graphopt_plugins.prune.oracle import MaskedRun
 from graphopt_plugins.prune.rules import propagate
 from zoo import PRUNE_ZOO, example_input
 
@@ -101,8 +101,8 @@ def test_a_channel_permutation_treated_element_wise_is_caught_by_the_oracle(regi
     channels: a model of the right shapes that computes the wrong thing. The oracle rejects it."""
     monkeypatch.setattr(prune_rules, "_UNARY_FUNCTIONS", prune_rules._UNARY_FUNCTIONS | {torch.roll, torch.cumsum})
     graph = capture(PRUNE_ZOO["unknown_op"][0](), (example_input("unknown_op"),))
-    with pytest.raises(PassError, match=r"pass prune \(as the first pass\) changed the outputs beyond its "
-                                        r"structural tolerance"):
+    with pytest.raises(PassError, match=r"pass prune \(as the first pass\) failed: .*does not match its mask "
+                                        r"oracle: .*; first diverging node `(roll|cumsum)` "):
         run_pipeline(graph, "prune(ratio=0.5)", registry)
 
 
@@ -261,3 +261,14 @@ def test_vision_transformers_prune_through_tokens_windows_and_attention(registry
     assert record.macs < 0.4 * graph.stats()["macs"]
     sdpa = [n for n in run.graph.module.graph.nodes if n.target is nn.functional.scaled_dot_product_attention]
     assert all(n.kwargs.get("scale") for n in sdpa)
+
+
+def test_a_prune_that_departs_from_its_oracle_names_the_first_diverging_node(registry, monkeypatch):
+    """Without the pinned scale the pruned attention departs from the mask oracle at the scaled scores."""
+    import graphopt_plugins.prune as prune_plugin
+    monkeypatch.setattr(prune_plugin, "pins", lambda *args: {})
+    graph = capture(PRUNE_ZOO["shape_scaled_attention"][0](), (example_input("shape_scaled_attention"),))
+    with pytest.raises(PassError) as info:
+        run_pipeline(graph, "prune(ratio=0.5)", registry)
+    message = str(info.value)
+    assert "does not match its mask oracle" in message and "first diverging node `mul` (call_function mul)" in message
