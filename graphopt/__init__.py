@@ -14,9 +14,9 @@ from .passes import Effect, Option, Pass, PassContext, PassResult
 from .pipeline import NamedPipeline, Pipeline, parse_pipeline
 from .plugins import Registry, load_plugins
 from .passmanager import PassRecord, PipelineRun, run_pipeline
-from .driver import RunResult, optimize
+from .driver import RunResult, emit_one, optimize
 
 __all__ = ["Artifact", "CaptureError", "Effect", "EmitError", "Emitter", "Graph", "GraphoptError", "Metrics",
            "NamedPipeline", "Option", "Pass", "PassContext", "PassError", "PassRecord", "PassResult", "Pipeline",
            "PipelineError", "PipelineRun", "PluginError", "Registry", "RunResult", "Tolerance", "UsageError", "capture",
-           "compare", "hookimpl", "load_plugins", "optimize", "parse_pipeline", "run_pipeline"]
+           "compare", "emit_one", "hookimpl", "load_plugins", "optimize", "parse_pipeline", "run_pipeline"]
