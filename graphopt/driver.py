@@ -169,8 +169,8 @@ def emit_all(graph: Graph, requests: Sequence[EmitRequest], out_dir: Path,
     cases = [(k, x, graph.run(x), references.get(k)) for k, x in graph.input_sets]
     try:
         with staging_dir(out_dir) as stage:
-            for emitter, options in requests:
-                say(f"emitting {emitter.format}")
+            for i, (emitter, options) in enumerate(requests, 1):
+                say(f"emitting {emitter.format} ({i}/{len(requests)})")
                 artifact = emit_one(graph, emitter, options, stage, registry)
                 say(f"verifying {emitter.format} in its runtime")
                 # judged by the precision the emitter wrote (an fp16 graph gives an fp16 file), else asked for
@@ -226,7 +226,7 @@ def optimize(model: nn.Module, example_inputs: Sequence[torch.Tensor], registry:
     say(f"running pipeline {text or '(empty)'}")
     if text:
         run = run_pipeline(graph, text, registry, verify=verify, data=data,
-                           print_ir_after=print_ir_after, on_ir=on_ir, on_pass=on_pass)
+                           print_ir_after=print_ir_after, on_ir=on_ir, on_pass=on_pass, progress=progress)
     else:
         run = PipelineRun(graph.clone(), "", graph.run(), [], {k: graph.run(x) for k, x in graph.input_sets})
     run.graph.meta["pipeline"] = run.pipeline

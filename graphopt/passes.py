@@ -90,6 +90,7 @@ class PassContext:
     explanations: list[str] = field(default_factory=list)
     scratch: dict = field(default_factory=dict)     # this run of the pass only, e.g. what its oracle reads
     registry: Any = None                            # the plugin Registry: what a pass may collect from hooks
+    progress: Callable[[str], None] = lambda text: None   # the run's progress line: ctx.progress("calibrating 3/16")
 
     @property
     def example_inputs(self) -> tuple[torch.Tensor, ...]:

@@ -121,7 +121,7 @@ def check_needs(steps: Sequence[tuple[Pass, dict]], data: dict,
 def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, verify: bool = True,
                  data: dict | None = None, print_ir_after: Sequence[str] = (),
                  on_ir: Callable[[str, str], None] | None = None,
-                 on_pass: Callable[[PassRecord], None] | None = None) -> PipelineRun:
+                 on_pass: Callable[[PassRecord], None] | None = None, progress: Callable | None = None) -> PipelineRun:
     """Run ``pipeline`` on a copy of ``graph``; returns the final graph and one record per pass. ``print_ir_after``
     names passes (or ``all``) whose resulting graph code goes to ``on_ir(pass_name, code)``. ``data`` is shared with
     every pass as ``ctx.data``."""
@@ -135,10 +135,11 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
                             *(current.run(x) for _, x in current.check_inputs)]
     records: list[PassRecord] = []
     done: list[str] = []
-    noise = current.rounding_noise() if verify else 0.0
-    for (spec, options), item in zip(steps, pipe.items):
+    noise, say = current.rounding_noise() if verify else 0.0, progress or (lambda text: None)
+    for i, ((spec, options), item) in enumerate(zip(steps, pipe.items), 1):
         work = copy.deepcopy(current.module)
-        ctx = PassContext(options=options, graph=current.replace(work), data=data, registry=registry)
+        say(f"pass {item} ({i}/{len(steps)})")
+        ctx = PassContext(options=options, graph=current.replace(work), data=data, registry=registry, progress=say)
         start = time.perf_counter()
         try:
             result = spec.run(work, ctx)

@@ -93,8 +93,8 @@ def bench(subjects: Sequence[Subject], inputs: Sequence[torch.Tensor], *, refere
     try:
         shuffle = random.Random(0).shuffle
         for i in range(runs):
-            if progress and i % 10 == 0:
-                progress(f"timing round {i + 1}/{runs}")
+            if progress:
+                progress(f"timing, round robin ({i + 1}/{runs})")
             order = list(range(len(subjects)))
             shuffle(order)
             for k in order:

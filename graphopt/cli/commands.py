@@ -13,7 +13,7 @@ from graphopt.pipeline import parse_pipeline
 from graphopt.plugins import Registry
 
 from .artifacts import bench_run, check_report_path, check_timing, cmd_bench, cmd_golden, cmd_verify  # noqa: F401
-from .console import Ui, artifacts_table, bench_table, macs_line, macs_vs_speed, passes_table
+from .console import Ui, artifacts_table, bench_table, human_count, macs_line, macs_vs_speed, passes_table
 
 
 def _data_hint(registry: Registry):
@@ -108,6 +108,8 @@ def cmd_run(args, registry: Registry) -> int:
 
     def pass_done(record) -> None:   # plugins' report sections, as soon as the pass ran
         done.append(record)
+        ui.note(f"  {record.name}: {record.seconds:.2f} s, {'changed' if record.modified else 'no change'}, "
+                f"{record.nodes} nodes, {human_count(record.macs)} MACs")
         registry.hook.graphopt_pass_done(record=record, options=args, ui=ui)
 
     name, started = args.name or args.model.rsplit(":", 1)[-1], time.perf_counter()

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import re
 import sys
 from typing import Iterator, Sequence
 
@@ -9,6 +10,8 @@ from rich.console import Console
 from rich.table import Table
 
 from graphopt.passmanager import PassRecord
+
+_COUNTED = re.compile(r"^(.*?) ?\((\d+)/(\d+)\)$")     # "calibrating 40 tensors (3/16)"
 
 
 def human_bytes(n: int) -> str:
@@ -63,7 +66,8 @@ class Ui:
     """Where the CLI writes: tables to stdout, progress and errors to stderr."""
 
     def __init__(self, quiet: bool = False, json_mode: bool = False):
-        self.quiet, self.json = quiet or json_mode, json_mode
+        self.quiet, self.json, self._progress = quiet or json_mode, json_mode, None
+        self.silent = quiet      # progress goes to stderr: on under --json, off under --quiet
         width = None if sys.stdout.isatty() else 140   # pipes and CI logs get whole tables
         self.out = Console(file=sys.stdout, highlight=False, width=width)
         self.err = Console(file=sys.stderr, highlight=False, soft_wrap=True)
@@ -79,12 +83,42 @@ class Ui:
 
     @contextlib.contextmanager
     def progress(self, first: str) -> Iterator:
-        """A spinner on stderr for long steps (silent when quiet or not a terminal)."""
-        if self.quiet or not self.err.is_terminal:
+        """What a long step is doing, on stderr: a message ending in ``(i/n)`` is a counted bar, any
+        other a spinner, in a terminal; plain lines elsewhere (of a count over 20, the first and last);
+        nothing under --quiet. Yields ``say(message)``."""
+        if self.silent:
             yield lambda message: None
             return
-        with self.err.status(first) as status:
-            yield lambda message: status.update(message)
+        if not self.err.is_terminal:
+            def line(message: str) -> None:
+                count = _COUNTED.match(message)
+                if count is None or int(count[3]) <= 20 or count[2] in ("1", count[3]):
+                    self.err.print(f"graphopt: {message}", markup=False, highlight=False)
+            yield line
+            return
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
+        with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                      console=self.err, transient=True) as bar:
+            task = bar.add_task(first, total=None)
+
+            def update(message: str) -> None:
+                count = _COUNTED.match(message)
+                if count is None:
+                    bar.update(task, description=message, total=None, completed=0)
+                else:
+                    bar.update(task, description=count[1], total=int(count[3]), completed=int(count[2]))
+                bar.refresh()     # every step drawn: they are few, and some take seconds
+            self._progress = bar
+            try:
+                yield update
+            finally:
+                self._progress = None
+
+    def note(self, text: str) -> None:
+        """A line of progress that stays (a pass that ended): above the bar in a terminal, a plain line
+        on stderr elsewhere, nothing under --quiet."""
+        if not self.silent:
+            (self._progress.console if self._progress else self.err).print(text, markup=False, highlight=False)
 
 
 def bench_table(rows) -> Table:

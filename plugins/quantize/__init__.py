@@ -55,7 +55,7 @@ def run(gm: fx.GraphModule, ctx: PassContext) -> PassResult:
         ctx.explain(f"{name}: activation split from the layer, int8 kernels do not fuse it")
     annotate(gm, ctx.example_inputs)
     held = [tuple(ctx.example_inputs), *(x for _, x in ctx.graph.check_inputs)]   # what it is verified on
-    cal = Calibrated(gm, batches, o["observer"], o["activations"], held)
+    cal = Calibrated(gm, batches, o["observer"], o["activations"], held, progress=ctx.progress)
     patterns = [t.strip() for t in o["exclude"].split(",") if t.strip()]
     formats = [f.strip() for f in o["formats"].split(",") if f.strip()]
     if not formats or set(formats) - set(FORMATS):

@@ -50,12 +50,14 @@ class _Recorder(fx.Interpreter):
         return value
 
 
-def _observe(gm: fx.GraphModule, batches, names: set[str], kind: str) -> dict[str, Observer]:
+def _observe(gm: fx.GraphModule, batches, names: set[str], kind: str, progress=lambda text: None
+             ) -> dict[str, Observer]:
     """An observer per named node, fed the node's value on every batch (minmax keeps two numbers)."""
     observers = {name: Observer(kind) for name in names}
     recorder = _Recorder(gm, observers)
     with torch.no_grad():
-        for batch in batches:
+        for i, batch in enumerate(batches, 1):
+            progress(f"calibrating {len(names)} tensors ({i}/{len(batches)})")
             recorder.run(*batch)
     return observers
 
@@ -78,8 +80,10 @@ class Calibrated:
     the first time a plan asks for it (one pass over the batches for all the nodes first asked for
     together), not stored (every value of ViT-B/16 on 16 batches is 6 GB)."""
 
-    def __init__(self, gm: fx.GraphModule, batches, observer: str, activations: str, held=()):
+    def __init__(self, gm: fx.GraphModule, batches, observer: str, activations: str, held=(),
+                 progress=lambda text: None):
         self.gm, self.batches, self.observer, self.activations = gm, batches, observer, activations
+        self.progress = progress
         self.scored = [*batches, *(x for x in held if not any(_same(x, b) for b in batches))]
         with torch.no_grad():
             self.outputs = [flatten_outputs(gm(*b)) for b in self.scored]
@@ -88,7 +92,7 @@ class Calibrated:
     def qparams(self, names) -> dict[str, QParams]:
         missing = {n for n in names if n not in self._ranges}
         if missing:
-            for name, obs in _observe(self.gm, self.batches, missing, self.observer).items():
+            for name, obs in _observe(self.gm, self.batches, missing, self.observer, self.progress).items():
                 self._ranges[name] = qparams(*obs.range(), self.activations)
         return {n: self._ranges[n] for n in names}
 

@@ -108,8 +108,10 @@ def keep_for_accuracy(cal: Calibrated, patterns: list[str], excluded: dict[str, 
     # sensitivity: the outputs' SQNR with one layer (and the int8 tensors it reads and
     # writes) quantized and the rest in fp32, on up to 4 calibration batches
     everyone = {layer.node.name for layer in p.layers}
-    sensitivity = {name: cal.quantized(patterns, {k: "probe" for k in everyone - {name}} | excluded, 4)[3]
-                   for name in everyone}
+    sensitivity = {}
+    for i, name in enumerate(sorted(everyone), 1):
+        ctx.progress(f"ranking layers by sensitivity ({i}/{len(everyone)})")
+        sensitivity[name] = cal.quantized(patterns, {k: "probe" for k in everyone - {name}} | excluded, 4)[3]
     ranked = sorted(sensitivity.items(), key=lambda kv: (kv[1], kv[0]))
     # the fewest most-sensitive layers kept fp32 that reach the target, by bisection (a handful of
     # scorings, not one per layer: EfficientNet-B0 keeps ~100): none kept misses it, all kept meets it
