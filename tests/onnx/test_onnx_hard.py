@@ -13,6 +13,7 @@ import graphopt
 import graphopt_plugins.onnx as onnx_emitter
 from graphopt.metrics import compare
 from graphopt.passmanager import run_pipeline
+from ortrun import run_model
 from graphopt_plugins.onnx.hard import integer_hard_activations
 from zoo.cnn import tiny_mobilenet_v3
 
@@ -33,24 +34,14 @@ def _unit(op: str, out_scale: float, out_zero: int, **attributes) -> onnx.ModelP
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path=None) -> tuple[np.ndarray, list[str]]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    if tmp_path is not None:
-        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node] if tmp_path else []
-    return session.run(None, {"x": x})[0], ops
-
-
 X = np.linspace(-7, 7, 4096, dtype=np.float32)   # every step of the input grid, both clips
 
 
 def test_a_gate_becomes_a_quantized_add_with_the_same_integers(tmp_path):
     model = _unit("HardSigmoid", 1 / 256, 0, alpha=1 / 6, beta=0.5)
-    expected, _ = _run(model, X)
+    expected, _ = run_model(model, X)
     assert integer_hard_activations(model) == 1
-    got, ops = _run(model, X, tmp_path)
+    got, ops = run_model(model, X, tmp_path)
     assert "QLinearAdd" in ops and "HardSigmoid" not in ops
     assert np.array_equal(got, expected), np.abs(got - expected).max()
 
@@ -65,9 +56,9 @@ def test_a_gate_whose_grid_does_not_clip_where_the_gate_does_is_left(zero, scale
 def test_hardswish_becomes_quantized_add_and_mul_within_a_step(tmp_path):
     out_scale = 7 / 255
     model = _unit("HardSwish", out_scale, 13)
-    expected, _ = _run(model, X)
+    expected, _ = run_model(model, X)
     assert integer_hard_activations(model) == 1
-    got, ops = _run(model, X, tmp_path)
+    got, ops = run_model(model, X, tmp_path)
     assert {"QLinearAdd", "QLinearMul"} <= set(ops) and not {"HardSwish", "HardSigmoid", "Mul"} & set(ops)
     steps = np.abs(got - expected) / out_scale
     assert steps.max() <= 1 + 1e-4 and (steps > 0.5).mean() < 0.05, (steps.max(), (steps > 0.5).mean())

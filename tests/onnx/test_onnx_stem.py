@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
-import onnxruntime as ort
 import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
@@ -12,6 +11,7 @@ from onnx import TensorProto, helper, numpy_helper
 import graphopt
 import graphopt_plugins.onnx as onnx_emitter
 from graphopt.passmanager import run_pipeline
+from ortrun import run_model
 from graphopt_plugins.onnx.stem import space_to_depth_stems
 from zoo.cnn import tiny_mobilenet, tiny_resnet
 
@@ -40,29 +40,19 @@ def _stem(channels: int, size: int, k: int, pad: int, stride: int = 2, out: int 
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray, tmp_path=None) -> tuple[np.ndarray, list[str]]:
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = 1
-    if tmp_path is not None:
-        so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    session = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
-    ops = [n.op_type for n in onnx.load(so.optimized_model_filepath).graph.node] if tmp_path else []
-    return session.run(None, {"x": x})[0], ops
-
-
 @pytest.mark.parametrize("channels, size, k, pad", [(3, 32, 7, 3), (3, 32, 3, 1), (1, 20, 5, 2), (4, 18, 3, 0),
                                                     (3, 30, 5, 1)])
 def test_the_stem_gives_the_same_outputs_from_a_stride_1_int8_convolution(tmp_path, channels, size, k, pad):
     model = _stem(channels, size, k, pad)
     x = np.random.default_rng(size).standard_normal((1, channels, size, size)).astype(np.float32) * 2
-    expected, _ = _run(model, x)
+    expected, _ = run_model(model, x)
     assert space_to_depth_stems(model) == 1
     conv = next(n for n in model.graph.node if n.op_type == "Conv")
     assert {a.name: list(a.ints) for a in conv.attribute}["strides"] == [1, 1]
     producers = {o: n for n in model.graph.node for o in n.output}
     quantize = producers[producers[conv.input[0]].input[0]]
     assert quantize.op_type == "QuantizeLinear" and producers[quantize.input[0]].op_type == "SpaceToDepth"
-    got, ops = _run(model, x, tmp_path)
+    got, ops = run_model(model, x, tmp_path)
     assert "QLinearConv" in ops and "Conv" not in ops
     assert np.array_equal(got, expected), np.abs(got - expected).max()
 
