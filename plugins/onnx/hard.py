@@ -17,6 +17,7 @@ import numpy as np
 
 from .rewrite import index, replace
 
+
 def _unit(node: Any, producers: dict, consumers: dict, inits: dict, outputs: set) -> tuple[Any, Any] | None:
     """``(DQ, Q)`` around ``node`` when it reads one per-tensor DQ and feeds one Q only."""
     dq, users = producers.get(node.input[0]), consumers.get(node.output[0], [])
