@@ -108,7 +108,7 @@ def parse_pipeline(text: str) -> Pipeline:
         expect("punct", ",")
 
 
-def _close(word: str, candidates: list[str]) -> str:
+def did_you_mean(word: str, candidates: list[str]) -> str:
     near = difflib.get_close_matches(word, candidates, n=3, cutoff=0.5)
     return f"did you mean {' or '.join(near)}? " if near else ""
 
@@ -118,13 +118,13 @@ def resolve(pipeline: Pipeline, passes: dict[str, Any], kind: str = "pass") -> l
     out: list[tuple[Any, dict[str, Any]]] = []
     for item in pipeline.items:
         if (spec := passes.get(item.name)) is None:
-            raise PipelineError(f"unknown {kind} {item.name!r}; {_close(item.name, sorted(passes))}"
+            raise PipelineError(f"unknown {kind} {item.name!r}; {did_you_mean(item.name, sorted(passes))}"
                                 f"available: {', '.join(sorted(passes)) or 'none'}")
         values = {o.name: o.default for o in spec.options}
         for key, raw in item.options:
             opt, names = spec.option(key), [o.name for o in spec.options]
             if opt is None:
-                raise PipelineError(f"{kind} {item.name} has no option {key!r}; {_close(key, names)}"
+                raise PipelineError(f"{kind} {item.name} has no option {key!r}; {did_you_mean(key, names)}"
                                     f"valid options: {', '.join(names) or 'none'}")
             try:
                 values[key] = opt.parse(raw)

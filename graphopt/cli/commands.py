@@ -35,9 +35,8 @@ def _configured_pipeline(args, registry: Registry) -> str:
 def _check_names(args, registry: Registry, pipeline: str) -> None:
     """--explain and --print-ir-after name passes (or named pipelines) that this run runs: the
     pipeline's, or an emitter's ``prepare`` pass for a format asked for (explain only)."""
-    import difflib
-
     from graphopt.driver import select_emitters
+    from graphopt.pipeline import did_you_mean
 
     known = sorted(set(registry.passes) | set(registry.pipelines))
     ran = registry.expand(parse_pipeline(pipeline)).items if pipeline else ()
@@ -48,9 +47,7 @@ def _check_names(args, registry: Registry, pipeline: str) -> None:
                               ("--print-ir-after", [p for p in args.print_ir_after if p != "all"], set())):
         for name in names:
             if name not in known:
-                near = difflib.get_close_matches(name, known, n=3, cutoff=0.5)
-                raise UsageError(f"{flag} {name}: no such pass; "
-                                 + (f"did you mean {' or '.join(near)}?" if near else f"known: {', '.join(known)}"))
+                raise UsageError(f"{flag} {name}: no such pass; {did_you_mean(name, known)}known: {', '.join(known)}")
             if name not in runs | also:
                 raise UsageError(f"{flag} {name}: the pipeline does not run it ({pipeline or 'empty'})")
 

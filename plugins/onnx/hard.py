@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from .rewrite import index, replace
+from .rewrite import attribute, index, replace
 
 
 def _unit(node: Any, producers: dict, consumers: dict, inits: dict, outputs: set) -> tuple[Any, Any] | None:
@@ -29,10 +29,6 @@ def _unit(node: Any, producers: dict, consumers: dict, inits: dict, outputs: set
                                                                                               *dq.input[1:3])):
         return None
     return dq, q
-
-
-def _attribute(node: Any, name: str, default: float) -> float:
-    return next((a.f for a in node.attribute if a.name == name), default)
 
 
 def integer_hard_activations(model: Any) -> int:
@@ -61,7 +57,7 @@ def integer_hard_activations(model: Any) -> int:
         dq, q = unit
         scale, zero = float(inits[q.input[1]]), inits[q.input[2]]
         qmin, qmax = np.iinfo(zero.dtype).min, np.iinfo(zero.dtype).max
-        alpha, beta = (_attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)) \
+        alpha, beta = (attribute(node, "alpha", 0.2), attribute(node, "beta", 0.5)) \
             if node.op_type == "HardSigmoid" else (1 / 6, 0.5)
         if node.op_type == "HardSigmoid" and (int(zero) != qmin or (qmax - int(zero)) * scale > 1 + 1e-6):
             continue   # the grid does not clip where the gate does

@@ -14,6 +14,8 @@ from graphopt import EmitError
 from graphopt.quant import activation_qparams, is_fake_quant, weight_quant
 from graphopt.testing.quantization import QTensor, check_qtensors, graph_qtensors
 
+from .rewrite import attribute, drop_unused_initializers
+
 _PARAMETRIZED = re.compile(r"\.parametrizations\.(\w+)\.original$")
 _BUFFER = re.compile(r"\.parametrizations\.(\w+)\.\d+\.(\w+)$")
 
@@ -26,10 +28,6 @@ def _graph_index(graph: Any) -> tuple[dict[str, Any], dict[str, Any]]:
 def _array(inits: dict, name: str) -> np.ndarray | None:
     from onnx import numpy_helper
     return numpy_helper.to_array(inits[name]) if name in inits else None
-
-
-def _attr(node: Any, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _rename_inputs(graph: Any, old: str, new: str) -> None:
@@ -84,7 +82,7 @@ def _fold_weight_quantizers(graph: Any) -> int:
             keep.append(node)
             continue
         scale, zero_point = _array(inits, node.input[1]), _array(inits, node.input[2])
-        q = _quantize(w, scale, zero_point, _attr(node, "axis", 1) % w.ndim)
+        q = _quantize(w, scale, zero_point, attribute(node, "axis", 1) % w.ndim)
         name = _PARAMETRIZED.sub(r".\1", node.input[0]) + "_quantized"
         graph.initializer.append(numpy_helper.from_array(q, name))
         _rename_inputs(graph, node.output[0], name)
@@ -114,7 +112,7 @@ def _fold_weight_transposes(graph: Any) -> None:
             keep.append(node)
             continue
         inits[dq.input[0]].CopyFrom(numpy_helper.from_array(np.ascontiguousarray(q.T), dq.input[0]))
-        axis = _attr(dq, "axis", 1) % 2
+        axis = attribute(dq, "axis", 1) % 2
         del dq.attribute[:]
         dq.attribute.append(helper.make_attribute("axis", 1 - axis))
         _rename_inputs(graph, node.output[0], dq.output[0])
@@ -138,7 +136,7 @@ def _biased_layers(graph: Any) -> Iterator[tuple[Any, int, Any, Any, int]]:
     for node in graph.node:
         x, w = (producers.get(name) for name in node.input[:2]) if len(node.input) > 1 else (None, None)
         if node.op_type in ("Conv", "Gemm") and len(node.input) > 2:
-            yield node, 2, x, w, 1 if node.op_type == "Gemm" and not _attr(node, "transB", 0) else 0
+            yield node, 2, x, w, 1 if node.op_type == "Gemm" and not attribute(node, "transB", 0) else 0
         elif node.op_type == "MatMul" and [n.op_type for n in readers.get(node.output[0], [])] == ["Add"]:
             add = readers[node.output[0]][0]
             yield add, 1 - list(add.input).index(node.output[0]), x, w, 1
@@ -157,7 +155,7 @@ def _quantize_biases(graph: Any) -> int:
         x_scale, w_scale = _dq_scale(x_dq, inits), _dq_scale(w_dq, inits)
         if bias is None or bias.dtype != np.float32 or bias.ndim != 1 or x_scale is None or \
                 w_scale is None or x_scale.size != 1 or w_dq.input[0] not in inits or \
-                (w_scale.size > 1 and (w_scale.size != bias.size or _attr(w_dq, "axis", 1) != out_axis)):
+                (w_scale.size > 1 and (w_scale.size != bias.size or attribute(w_dq, "axis", 1) != out_axis)):
             continue   # not an int8 layer, or its weight scales do not run along the output channels
         scale = np.broadcast_to(x_scale.astype(np.float32) * w_scale.astype(np.float32), bias.shape).copy()
         q = np.clip(np.rint(bias.astype(np.float64) / np.maximum(scale, 1e-30)), -2**31, 2**31 - 1)
@@ -177,13 +175,6 @@ def _quantize_biases(graph: Any) -> int:
     del graph.node[:]
     graph.node.extend(nodes)
     return len(dequantizers)
-
-
-def _drop_unused_initializers(graph: Any) -> None:
-    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
-    keep = [i for i in graph.initializer if i.name in used]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
 
 
 def _tidy_names(graph: Any) -> None:
@@ -218,7 +209,7 @@ def lower(model: Any) -> dict:
     weights = _fold_weight_quantizers(graph)
     _fold_weight_transposes(graph)
     biases = _quantize_biases(graph)
-    _drop_unused_initializers(graph)
+    drop_unused_initializers(graph)
     _tidy_names(graph)
     return {"int8_weights": weights, "int32_biases": biases}
 
@@ -266,9 +257,9 @@ def check_scales(model: Any, gm: fx.GraphModule) -> dict:
                 fail(f"{weight} has int8 weights in the file but not in the graph")
             q, _, axis = quant
             stored = _array(inits, source)
-            if _attr(node, "axis", 1) != axis and stored.ndim == 2:   # folded into a Transpose
+            if attribute(node, "axis", 1) != axis and stored.ndim == 2:   # folded into a Transpose
                 stored, axis = stored.T, 1 - axis
-            if _attr(node, "axis", 1) != axis or not np.array_equal(stored, q.numpy()):
+            if attribute(node, "axis", 1) != axis or not np.array_equal(stored, q.numpy()):
                 fail(f"the int8 weights of {weight} differ from the graph's")
             weights.append(QTensor(weight, grid.scale, grid.zero_point))
         elif bias:

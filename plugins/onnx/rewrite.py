@@ -1,5 +1,5 @@
-"""Small graph surgery on ONNX models: who produces and reads each tensor, and a node list
-rewritten in topological order."""
+"""Small graph surgery on ONNX models: who produces and reads each tensor, a node's attribute,
+a node list rewritten in topological order, initializers no node reads dropped."""
 from __future__ import annotations
 
 from typing import Any
@@ -38,3 +38,17 @@ def replace(graph: Any, dropped: list, added: list) -> None:
         pending = rest
     del graph.node[:]
     graph.node.extend(ordered)
+
+
+def attribute(node: Any, name: str, default: Any) -> Any:
+    """``node``'s attribute ``name`` as a Python value (ints as a list), else ``default``."""
+    from onnx import helper
+
+    return next((helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+
+
+def drop_unused_initializers(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input} | {o.name for o in graph.output}
+    keep = [i for i in graph.initializer if i.name in used]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)

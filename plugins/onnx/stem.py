@@ -15,17 +15,9 @@ from typing import Any
 
 import numpy as np
 
-from .rewrite import index, replace
+from .rewrite import attribute, drop_unused_initializers, index, replace
 
 MAX_CHANNELS = 4   # wider inputs fill the kernels already
-
-
-def _ints(node: Any, name: str, default: list[int]) -> list[int]:
-    return next((list(a.ints) for a in node.attribute if a.name == name), default)
-
-
-def _int(node: Any, name: str, default: int) -> int:
-    return next((a.i for a in node.attribute if a.name == name), default)
 
 
 def _shapes(model: Any) -> dict[str, list]:
@@ -38,12 +30,12 @@ def _shapes(model: Any) -> dict[str, list]:
 
 def _candidate(conv: Any, producers: dict, consumers: dict, inits: dict) -> tuple | None:
     """``(Q, DQ of the input, DQ of the weights, weights)`` of a stem this rewrite takes."""
-    kernel = _ints(conv, "kernel_shape", [])
-    pads = _ints(conv, "pads", [0, 0, 0, 0])
-    if len(kernel) != 2 or kernel[0] != kernel[1] or kernel[0] % 2 == 0 or kernel[0] < 3 or \
-            _ints(conv, "strides", [1, 1]) != [2, 2] or _ints(conv, "dilations", [1, 1]) != [1, 1] or \
-            _int(conv, "group", 1) != 1 or len(set(pads)) != 1 or \
-            any(a.name == "auto_pad" and a.s not in (b"", b"NOTSET") for a in conv.attribute):
+    kernel = attribute(conv, "kernel_shape", [])
+    pads = attribute(conv, "pads", [0, 0, 0, 0])
+    wanted = {"strides": ([1, 1], [2, 2]), "dilations": ([1, 1], [1, 1]), "group": (1, 1)}   # (default, wanted)
+    if len(kernel) != 2 or kernel[0] != kernel[1] or kernel[0] % 2 == 0 or kernel[0] < 3 or len(set(pads)) != 1 \
+            or any(attribute(conv, k, default) != want for k, (default, want) in wanted.items()) \
+            or attribute(conv, "auto_pad", b"NOTSET") not in (b"", b"NOTSET"):
         return None
     dq, wdq = producers.get(conv.input[0]), producers.get(conv.input[1])
     q = producers.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
@@ -53,7 +45,7 @@ def _candidate(conv: Any, producers: dict, consumers: dict, inits: dict) -> tupl
         return None
     weights, scale = inits[wdq.input[0]], inits.get(wdq.input[1])
     if weights.ndim != 4 or weights.shape[1] > MAX_CHANNELS or scale is None or \
-            scale.size > 1 and _int(wdq, "axis", 1) != 0:   # per output channel, or one scale
+            scale.size > 1 and attribute(wdq, "axis", 1) != 0:   # per output channel, or one scale
         return None
     return q, dq, wdq, weights
 
@@ -100,7 +92,7 @@ def space_to_depth_stems(model: Any) -> int:
         if not shape or len(shape) != 4 or None in shape[2:]:
             continue
         k = weights.shape[2]
-        layout = _pads(shape[2:], k, _ints(conv, "pads", [0])[0])
+        layout = _pads(shape[2:], k, attribute(conv, "pads", [0])[0])
         if layout is None:
             continue
         shift, pads = layout
@@ -112,14 +104,11 @@ def space_to_depth_stems(model: Any) -> int:
                   helper.make_node("QuantizeLinear", [f"{name}/blocks", *q.input[1:]], [f"{name}/q"], name=q.name),
                   helper.make_node("DequantizeLinear", [f"{name}/q", *q.input[1:]], [f"{name}/x"], name=dq.name),
                   helper.make_node("DequantizeLinear", [f"{name}/weight_quantized", *wdq.input[1:]], list(wdq.output),
-                                   name=wdq.name, axis=_int(wdq, "axis", 1)),
+                                   name=wdq.name, axis=attribute(wdq, "axis", 1)),
                   helper.make_node("Conv", [f"{name}/x", *conv.input[1:]], list(conv.output), name=conv.name,
                                    kernel_shape=[kernel, kernel], strides=[1, 1], pads=pads)]
         dropped += [q, dq, wdq, conv]
     if dropped:
         replace(graph, dropped, added)
-        used = {name for node in graph.node for name in node.input}
-        keep = [i for i in graph.initializer if i.name in used]
-        del graph.initializer[:]
-        graph.initializer.extend(keep)
+        drop_unused_initializers(graph)
     return len(dropped) // 4

@@ -3,7 +3,6 @@
 placement pictures land in --out) and ``graphopt backends``."""
 from __future__ import annotations
 
-import difflib
 import importlib.util
 import json
 from pathlib import Path
@@ -13,7 +12,7 @@ from rich.table import Table
 
 import graphopt
 from graphopt.errors import UsageError
-from graphopt.pipeline import Pipeline, PipelineItem, parse_pipeline
+from graphopt.pipeline import Pipeline, PipelineItem, did_you_mean, parse_pipeline
 
 
 def _backends(registry) -> dict:
@@ -34,10 +33,8 @@ def with_target(pipeline: str, target: str, backends: dict) -> str:
     """``pipeline`` partitioning for ``target``: its ``partition`` items (given the backend
     when they name none), else ``partition(backend=TARGET)`` appended."""
     if target not in backends:
-        near = difflib.get_close_matches(target, sorted(backends), n=2, cutoff=0.5)
-        raise UsageError(f"unknown backend {target!r} for --target; "
-                         + (f"did you mean {' or '.join(near)}? " if near else "")
-                         + f"known: {', '.join(sorted(backends)) or 'none'} (see graphopt backends)")
+        raise UsageError(f"unknown backend {target!r} for --target; {did_you_mean(target, sorted(backends))}"
+                         f"known: {', '.join(sorted(backends)) or 'none'} (see graphopt backends)")
     items = list(parse_pipeline(pipeline).items) if pipeline.strip() else []
     found = False
     for i, item in enumerate(items):
