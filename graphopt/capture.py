@@ -36,16 +36,20 @@ class _Tracer(fx.Tracer):
             self.failed_in = self.failed_in or self.path_of_module(m)   # the innermost module that failed
             raise
 
+    def create_node(self, *args: Any, **kwargs: Any) -> fx.Node:   # meta["source"]: "path:line" that made it
+        node, frame = super().create_node(*args, **kwargs), _user_frame(traceback.extract_stack())
+        node.meta.update({"source": f"{frame.filename}:{frame.lineno}"} if frame else {})
+        return node
 
-def _user_frame(exc: BaseException) -> traceback.FrameSummary | None:
-    """The innermost traceback frame in the user's code (not torch's, not graphopt's)."""
-    frames = [f for f in traceback.extract_tb(exc.__traceback__)
-              if not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) and "<" not in f.filename]
+
+def _user_frame(frames: traceback.StackSummary) -> traceback.FrameSummary | None:
+    """The innermost frame in the user's code (not torch's, not graphopt's)."""
+    frames = [f for f in frames if not f.filename.startswith((_TORCH_DIR, _OWN_DIR)) and "<" not in f.filename]
     return frames[-1] if frames else None
 
 
 def _trace_error(model: nn.Module, tracer: _Tracer, exc: Exception) -> CaptureError:
-    path, frame = tracer.failed_in, _user_frame(exc)
+    path, frame = tracer.failed_in, _user_frame(traceback.extract_tb(exc.__traceback__))
     kind = type(model.get_submodule(path)).__name__ if path else ""
     where = f"module `{path}` ({kind})" if path else f"the top-level module ({type(model).__name__})"
     line = f" at {os.path.basename(frame.filename)}:{frame.lineno} `{(frame.line or '').strip()}`" if frame else ""

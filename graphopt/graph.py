@@ -5,6 +5,7 @@ torch.utils.flop_counter; attention in its math form, which fused kernels do not
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 import operator
 from dataclasses import dataclass, field
@@ -91,8 +92,7 @@ class Graph:
         return Graph(module, self.example_inputs, self.name, dict(self.meta), self.check_inputs)
 
     def clone(self) -> "Graph":
-        return Graph(copy.deepcopy(self.module), self.example_inputs, self.name, copy.deepcopy(self.meta),
-                     self.check_inputs)
+        return dataclasses.replace(self, module=copy.deepcopy(self.module), meta=copy.deepcopy(self.meta))
 
     def stats(self) -> dict:
         """Nodes (ops that compute), parameters, MACs and bytes of weights and buffers."""

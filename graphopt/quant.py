@@ -32,13 +32,8 @@ class QParams:
     zero_point: int
     dtype: str                  # "uint8" or "int8"
 
-    @property
-    def qmin(self) -> int:
-        return 0 if self.dtype == "uint8" else -128
-
-    @property
-    def qmax(self) -> int:
-        return 255 if self.dtype == "uint8" else 127
+    qmin = property(lambda self: 0 if self.dtype == "uint8" else -128, doc="the lowest integer of the grid")
+    qmax = property(lambda self: 255 if self.dtype == "uint8" else 127, doc="the highest integer of the grid")
 
     def as_dict(self) -> dict:
         return {"scale": self.scale, "zero_point": self.zero_point, "dtype": self.dtype}

@@ -16,6 +16,7 @@ from graphopt.errors import first_line
 
 from . import qdq as onnx_qdq
 from .hard import integer_hard_activations
+from .sources import record_origins
 from .stem import space_to_depth_stems
 
 OPTIONS = (
@@ -29,6 +30,8 @@ OPTIONS = (
            "Add/Mul node units onnxruntime runs in int8 (it has no int8 kernel for either)"),
     Option("space_to_depth_stem", bool, True, "int8 graphs: a stride-2 convolution on at most 4 input channels "
            "as a stride-1 one on SpaceToDepth input (the same integer sums, a faster kernel)"),
+    Option("source_map", bool, False, "record in each node's metadata the fx node and the line of the model's "
+           "source that made it (graphopt.fx_node, graphopt.source); torchscript exporter"),
 )
 _LAYOUTS = {2: "NC", 3: "NCL", 4: "NCHW", 5: "NCDHW"}   # others: "torch" (as given)
 
@@ -73,9 +76,12 @@ def _export(graph: graphopt.Graph, opts: dict, output_names: list[str]) -> Any:
             if opts["exporter"] == "dynamo":
                 program = torch.onnx.export(graph.module, inputs, dynamo=True, verbose=False, **common)
                 return program.model_proto
-            buf = io.BytesIO()
-            torch.onnx.export(graph.module, inputs, buf, dynamo=False, **common)
-            return onnx.load_model_from_string(buf.getvalue())
+            buf = io.BytesIO()   # verbose: each node's doc_string holds the stack that made it (source_map)
+            torch.onnx.export(graph.module, inputs, buf, dynamo=False, verbose=opts["source_map"], **common)
+            model = onnx.load_model_from_string(buf.getvalue())
+            if opts["source_map"]:
+                record_origins(model, graph.module)
+            return model
     except Exception as exc:
         raise EmitError(f"ONNX export of {graph.name} with the {opts['exporter']} exporter "
                         f"(opset {opts['opset']}) failed: {first_line(exc)}; "
@@ -136,12 +142,13 @@ def _values(infos: Sequence[Any]) -> list[dict]:
 
 def _stamp(model: Any, graph: graphopt.Graph) -> None:
     """Name the graph, drop the exporters' per-node debug info (stack traces with local paths,
-    which would make the file differ between checkouts) and add graphopt's metadata_props
+    which would make the file differ between checkouts; ``source_map``'s own is kept) and add graphopt's metadata_props
     (``graphopt.version``, ``.pipeline``, ``.inputs`` as the file declares them, ``.precision``)."""
     model.graph.name = graph.name
     for node in model.graph.node:
         node.doc_string = ""
-        del node.metadata_props[:]
+        for prop in [p for p in node.metadata_props if not p.key.startswith("graphopt.")]:
+            node.metadata_props.remove(prop)
     inputs = [{k: v[k] for k in ("name", "shape", "dtype")} for v in _values(model.graph.input)]
     del model.metadata_props[:]
     for key, value in provenance(graph, inputs=json.dumps(inputs)).items():
@@ -158,6 +165,8 @@ def emit(graph: graphopt.Graph, options: dict, out_dir: Path) -> Artifact:
     if int8 and opts["opset"] < 13:
         raise EmitError(f"{graph.name} is quantized: its per-channel int8 weights need opset 13 or later, "
                         f"got opset={opts['opset']}")
+    if opts["source_map"] and opts["exporter"] != "torchscript":
+        raise EmitError("source_map needs exporter=torchscript (the dynamo exporter does not record the model's lines)")
     model = _export(graph, opts, _output_names(graph))
     meta: dict[str, Any] = {"exporter": opts["exporter"], "simplified": False}
     if opts["simplify"]:   # onnxsim leaves Q/DQ nodes alone: onnxruntime fuses the same int8 units after it

@@ -53,8 +53,8 @@ def _calibration(inputs: Sequence[torch.Tensor]) -> np.ndarray:
 
 
 def _conversion_error(exc: BaseException, log: str, onnx_model: Any, name: str) -> EmitError:
-    """One line naming the ONNX node onnx2tf stopped at (its name and op type) and why: its
-    first ERROR line before the traceback it logs, else the exception's own message."""
+    """One line naming the ONNX node onnx2tf stopped at (its name and op type, the fx node and the model's line that
+    made it) and why: its first ERROR line before the traceback it logs, else the exception's own message."""
     log = _ANSI.sub("", log)
     nodes = re.findall(r"onnx_op_name: (\S+)", log)
     node = getattr(exc, "onnx_op_name", None) or (nodes[-1] if nodes else None)
@@ -64,9 +64,10 @@ def _conversion_error(exc: BaseException, log: str, onnx_model: Any, name: str) 
     reason = (reasons[0] if reasons else first_line(exc)).rstrip(". ")
     if node is None:
         return EmitError(f"onnx2tf cannot convert {name}: {reason}")
-    op = next((n.op_type for n in onnx_model.graph.node if n.name == node), "?")
-    return EmitError(f"onnx2tf cannot convert ONNX node {node} ({op}) of {name}: {reason}; "
-                     f"rewrite that op before emitting tflite")
+    found = next((n for n in onnx_model.graph.node if n.name == node), None)
+    made_by = _onnx_emitter().sources.origin(found) if found is not None else None
+    return EmitError(f"onnx2tf cannot convert ONNX node {node} ({found.op_type if found else '?'}) of {name}"
+                     f"{f', made by {made_by}' if made_by else ''}: {reason}; rewrite that op before emitting tflite")
 
 
 def _to_keras(onnx_path: Path, graph: graphopt.Graph, keep: list[str], work: Path) -> Any:
@@ -263,7 +264,7 @@ def _onnx2tf(graph: graphopt.Graph, opts: dict, out_dir: Path) -> Artifact:
     try:
         # Unsimplified: onnxsim turns 3-D MatMul into Reshape -> Gemm -> Reshape, whose tokens
         # onnx2tf then lays out wrongly (Swin: 0.49 relative error); TFLite folds constants anyway.
-        onnx_artifact = onnx_emitter.emit(graph, {"simplify": False}, work)
+        onnx_artifact = onnx_emitter.emit(graph, {"simplify": False, "source_map": True}, work)
         onnx_meta = onnx_artifact.meta
         keep = [v["name"] for v in onnx_meta["inputs"] if opts["keep_nchw"] and 3 <= len(v["shape"]) <= 5]
         model = _to_keras(onnx_artifact.path, graph, keep, work)

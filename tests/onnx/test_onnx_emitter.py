@@ -5,6 +5,7 @@ import collections
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import onnx
 import pytest
@@ -83,7 +84,7 @@ def test_registers_the_onnx_emitter_with_its_options():
     assert emitter.suffix == ".onnx" and emitter.missing() == []
     assert {o.name: o.default for o in emitter.options} == {
         "exporter": "torchscript", "opset": 17, "dynamic_batch": False, "simplify": True,
-        "integer_hard_activations": True, "space_to_depth_stem": True}
+        "integer_hard_activations": True, "space_to_depth_stem": True, "source_map": False}
 
 
 def test_importing_the_plugin_loads_no_onnx_module():
@@ -186,6 +187,27 @@ def test_same_graph_gives_the_same_bytes(cnn, tmp_path):
     first = onnx_emitter.emit(cnn, {}, tmp_path / "a").path.read_bytes()
     second = onnx_emitter.emit(cnn, {}, tmp_path / "b").path.read_bytes()
     assert first == second
+
+
+def test_source_map_names_the_fx_node_and_the_models_line(cnn, tmp_path):
+    plain = onnx.load(onnx_emitter.emit(cnn, {"simplify": False}, tmp_path / "plain").path)
+    assert all(not node.metadata_props and not node.doc_string for node in plain.graph.node)
+    artifact = onnx_emitter.emit(cnn, {"simplify": False, "source_map": True}, tmp_path / "mapped")
+    model = onnx.load(artifact.path)
+    props = {node.name: {p.key: p.value for p in node.metadata_props} for node in model.graph.node}
+    fx_nodes = {n.name: n for n in cnn.module.graph.nodes}
+    line = next(i for i, text in enumerate(Path(__file__).read_text().splitlines(), 1)
+                if "return self.fc(torch.flatten(self.pool(" in text)
+    for onnx_name, fx_name in [("/conv/Conv", "conv"), ("/Relu", "relu"), ("/Flatten", "flatten"), ("/fc/Gemm", "fc")]:
+        assert props[onnx_name]["graphopt.fx_node"] == fx_name and fx_name in fx_nodes
+        assert props[onnx_name]["graphopt.source"] == f"{__file__}:{line}"
+    node = next(n for n in model.graph.node if n.name == "/fc/Gemm")
+    assert onnx_emitter.sources.origin(node) == \
+        f"fx node `fc` (test_onnx_emitter.py:{line} `{Path(__file__).read_text().splitlines()[line - 1].strip()}`)"
+    assert all(not node.doc_string for node in model.graph.node)   # no stack traces with local paths
+    _assert_close(cnn, artifact)
+    with pytest.raises(graphopt.EmitError, match="source_map needs exporter=torchscript"):
+        onnx_emitter.emit(cnn, {"source_map": True, "exporter": "dynamo"}, tmp_path / "dynamo")
 
 
 def test_without_simplify_the_model_is_still_valid(cnn, tmp_path):

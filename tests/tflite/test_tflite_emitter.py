@@ -8,6 +8,7 @@ import subprocess
 import sys
 import tempfile
 import textwrap
+from pathlib import Path
 
 import graphopt_plugins.tflite as tflite_emitter
 import pytest
@@ -171,19 +172,23 @@ def test_same_graph_gives_the_same_bytes(two_by_two, tmp_path):
     assert again.path.read_bytes() == artifact.path.read_bytes()
 
 
-@pytest.mark.parametrize("model, shape, node, op, why", [
-    (CrossEntropy, (2, 4), "/SoftmaxCrossEntropyLoss", "SoftmaxCrossEntropyLoss", "OP is not yet implemented"),
-    (BicubicGrid, (1, 3, 8, 8), "/GridSample", "GridSample", "supports only mode=['bilinear']"),
+@pytest.mark.parametrize("model, shape, node, op, fx_node, code, why", [
+    (CrossEntropy, (2, 4), "/SoftmaxCrossEntropyLoss", "SoftmaxCrossEntropyLoss", "cross_entropy",
+     'return F.cross_entropy(self.fc(x), self.target, reduction="none")', "OP is not yet implemented"),
+    (BicubicGrid, (1, 3, 8, 8), "/GridSample", "GridSample", "grid_sample",
+     'return F.grid_sample(x, grid, mode="bicubic", align_corners=False)', "supports only mode=['bilinear']"),
 ])
-def test_an_op_onnx2tf_cannot_convert_is_named_in_one_line(model, shape, node, op, why, tmp_path, monkeypatch,
-                                                           capfd):
+def test_an_op_onnx2tf_cannot_convert_is_named_in_one_line(model, shape, node, op, fx_node, code, why, tmp_path,
+                                                           monkeypatch, capfd):
     monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
     (tmp_path / "tmp").mkdir()
     graph = _capture(model(), shape, name="bad")
     with pytest.raises(graphopt.EmitError) as info:
         tflite_emitter.emit(graph, {"route": "onnx2tf"}, tmp_path / "out")
     message = str(info.value)
-    assert "\n" not in message and message.startswith(f"onnx2tf cannot convert ONNX node {node} ({op}) of bad: ")
+    line = next(i for i, text in enumerate(Path(__file__).read_text().splitlines(), 1) if text.strip() == code)
+    where = f"made by fx node `{fx_node}` ({Path(__file__).name}:{line} `{code}`)"   # the node and the user's line
+    assert "\n" not in message and message.startswith(f"onnx2tf cannot convert ONNX node {node} ({op}) of bad, {where}: ")
     assert why in message
     assert not (tmp_path / "out").exists() and list((tmp_path / "tmp").iterdir()) == []
     assert capfd.readouterr() == ("", "")
