@@ -99,14 +99,15 @@ class Ui:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, SpinnerColumn, TextColumn
         with Progress(SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                       console=self.err, transient=True) as bar:
-            task = bar.add_task(first, total=None)
+            task = [bar.add_task(first, total=None)]
 
             def update(message: str) -> None:
                 count = _COUNTED.match(message)
-                if count is None:
-                    bar.update(task, description=message, total=None, completed=0)
+                if count is None:   # a spinner: a new task, as rich's update cannot take a count away
+                    bar.remove_task(task[0])
+                    task[0] = bar.add_task(message, total=None)
                 else:
-                    bar.update(task, description=count[1], total=int(count[3]), completed=int(count[2]))
+                    bar.update(task[0], description=count[1], total=int(count[3]), completed=int(count[2]))
                 bar.refresh()     # every step drawn: they are few, and some take seconds
             self._progress = bar
             try:

@@ -70,4 +70,6 @@ def test_a_terminal_gets_counted_bars(calib, tmp_path):
     assert any("calibrating" in s and "4/4" in s for s in bars), screen[-2000:]
     assert any("emitting onnx" in s and "1/2" in s for s in bars)
     assert any("pass quantize(prefer=size)" in s and "8/8" in s for s in bars)
+    verifying = [s for s in bars if "verifying" in s]      # a step without a count shows none (not "0/2")
+    assert verifying and not any("/2" in s for s in verifying), verifying
     assert "  fuse-act: " in screen                            # each pass's end stays above the bar
