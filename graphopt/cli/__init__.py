@@ -1,4 +1,4 @@
-"""The driver: ``graphopt run|passes|emitters|verify|golden|bench|demo`` and the commands
+"""The driver: ``graphopt run|report|passes|emitters|verify|golden|bench|demo`` and the commands
 plugins add (``backends``).
 
 Exit codes: 0 success; 1 the run finished but something did not verify; 2 bad input or
@@ -51,7 +51,8 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--out", default="out", help="output directory for artifacts (default: out)")
     run.add_argument("--name", type=_name, help="the artifacts' base name (default: the callable's name, as in "
                                                 "path/to/file.py:NAME)")
-    run.add_argument("--report", help="write the report JSON here")
+    run.add_argument("--report", metavar="FILE.json|FILE.html",
+                     help="write the run's report here: JSON, or one self-contained HTML page for .html")
     run.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
     run.add_argument("--leaf-module", action="append", default=[], metavar="QUALNAME",
                      help="keep this submodule opaque to fx (repeatable)")
@@ -79,6 +80,10 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     bench.add_argument("--plot", default="bench.png", help="PNG plot to write (default: bench.png)")
     bench.add_argument("--save", default="bench.json", help="JSON results to write (default: bench.json)")
     _timing(bench)
+
+    report = sub.add_parser("report", parents=[common], help="turn a run's report JSON into an HTML page")
+    report.add_argument("report", metavar="REPORT.json", help="a report written by graphopt run --report")
+    report.add_argument("-o", "--output", metavar="FILE.html", help="the page to write (default: REPORT.html)")
 
     sub.add_parser("passes", parents=[common], help="list the registered passes")
     sub.add_parser("emitters", parents=[common], help="list the registered output formats")

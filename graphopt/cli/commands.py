@@ -75,11 +75,11 @@ def _explain(args, ui: Ui, explained: list[tuple[str, str, list[str]]]) -> None:
 
 def cmd_run(args, registry: Registry) -> int:
     from graphopt.driver import REPORT_VERSION, optimize, select_emitters
-    from graphopt.emit import write_json_atomic
     from graphopt.passmanager import check_needs
     from graphopt.pipeline import resolve
 
     from .modelspec import check_out_dir, example_inputs, load_model, parse_shape
+    from .report import write_report
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
     select_emitters(registry, args.emit)           # an unknown or uninstalled format fails before any work
@@ -121,14 +121,14 @@ def cmd_run(args, registry: Registry) -> int:
         failed = {"version": REPORT_VERSION, "graphopt": __version__, "model": {"spec": args.model, "name": name},
                   "pipeline": pipeline, "passes": [r.as_dict() for r in done], "artifacts": [], "ok": False,
                   "error": str(exc), "failed_pass": getattr(exc, "pass_name", "") or None,
-                  "seconds": round(time.perf_counter() - started, 3)}
+                  "seconds": round(time.perf_counter() - started, 3), "out": str(out.resolve()), "files": []}
         if report_path:
-            write_json_atomic(report_path, failed)
+            write_report(report_path, failed)
         if args.json:
             dump_json(failed)
         _explain(args, ui, [(r.name, r.group, r.explanations) for r in done])
         raise
-    report = result.report
+    report, files = result.report, []
     if result.ok:
         files = [f for names in registry.hook.graphopt_run_done(result=result, options=args, out_dir=out, ui=ui)
                  if names for f in names]
@@ -137,11 +137,13 @@ def cmd_run(args, registry: Registry) -> int:
     bench_rows = []
     if args.bench and result.ok:
         bench_rows = bench_run(args, result, model, registry, ui)
+        files += ["bench.json", "bench.png"]
         report["bench"] = [r.as_dict() for r in bench_rows]
         report["bench_macs"] = macs_vs_speed(report["model"]["macs"], result.pipeline.records[-1].macs
                                              if result.pipeline.records else report["model"]["macs"], bench_rows)
+    report.update(out=str(out.resolve()), files=files)   # what the run wrote besides the artifacts
     if report_path:
-        write_json_atomic(report_path, report)
+        write_report(report_path, report)
     if args.json:
         dump_json(report)
     ui.print(passes_table(report["model"], result.pipeline.records))
@@ -220,3 +222,17 @@ def cmd_demo(args, registry: Registry) -> int:
     return run_demo(args, registry)
 
 
+def cmd_report(args, registry: Registry) -> int:
+    """``graphopt report r.json -o r.html``: a run report as one self-contained HTML page."""
+    from .report import load_report, write_report
+
+    source = Path(args.report)
+    report = load_report(source)
+    target = check_report_path(args.output, "the HTML report") or source.with_suffix(".html")
+    if target.suffix.lower() not in (".html", ".htm"):
+        raise UsageError(f"-o takes an .html file, got {args.output}")
+    if target.resolve() == source.resolve():
+        raise UsageError(f"-o {args.output} would overwrite the report it reads")
+    write_report(target, report)
+    Ui(args.quiet, args.json).print(f"wrote {target}")
+    return EXIT_OK

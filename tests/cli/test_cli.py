@@ -217,31 +217,9 @@ def test_name_sets_the_artifacts_base_name(capsys, tmp_path):
     assert code == 0 and sorted(p.name for p in tmp_path.iterdir()) == ["edge.onnx"]
 
 
-BREAKS = '''
-import operator
-import graphopt
-from graphopt import Effect, Pass, PassResult
-
-
-def _run(gm, ctx):
-    ctx.explain("doubled the output")
-    out = next(n for n in gm.graph.nodes if n.op == "output")
-    with gm.graph.inserting_before(out):
-        doubled = gm.graph.call_function(operator.mul, (out.args[0], 2.0))
-    out.args = (doubled,)
-    gm.recompile()
-    return PassResult(gm, True, {})
-
-
-@graphopt.hookimpl
-def graphopt_register_passes():
-    return [Pass("breaks", "claims exact, doubles the output", _run, Effect.EXACT)]
-'''
-
-
 def test_a_failed_run_leaves_a_report_and_the_explanations_asked_for(capsys, tmp_path):
     plugin = tmp_path / "breaks.py"
-    plugin.write_text(BREAKS)
+    plugin.write_text((TESTS / "fixtures" / "breaks_plugin.py").read_text())
     report = tmp_path / "r.json"
     argv = ["run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path / "o"), "--plugin", str(plugin),
             "--pipeline", "cleanup,fold-bn,breaks", "--explain", "fold-bn", "--report", str(report)]
