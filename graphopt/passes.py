@@ -52,6 +52,7 @@ class Option:
     default: Any
     help: str
     choices: tuple = ()
+    tune: tuple = ()       # the values `graphopt tune` tries (evenly spaced numbers: searched as a range)
 
     def parse(self, text: str) -> Any:
         """The typed value of ``text``; ValueError says what the option takes."""

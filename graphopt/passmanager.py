@@ -124,10 +124,10 @@ def run_pipeline(graph: Graph, pipeline: str | Pipeline, registry: Registry, *, 
                  on_pass: Callable[[PassRecord], None] | None = None, progress: Callable | None = None) -> PipelineRun:
     """Run ``pipeline`` on a copy of ``graph``; returns the final graph and one record per pass. ``print_ir_after``
     names passes (or ``all``) whose resulting graph code goes to ``on_ir(pass_name, code)``. ``data`` is shared with
-    every pass as ``ctx.data``."""
+    every pass as ``ctx.data``, with ``original``: ``graph`` as given (a teacher for distillation)."""
     pipe = registry.expand(parse_pipeline(pipeline) if isinstance(pipeline, str) else pipeline)
     steps = resolve(pipe, registry.passes)
-    data = dict(data or {})
+    data = {"original": graph, **(data or {})}
     check_needs(steps, data)
     current = graph.clone()
     sets = current.input_sets

@@ -26,13 +26,15 @@ from .rules import propagate
 PLAN = "graphopt.prune.plan"      # gm.meta key: the surgeries applied so far, in order
 
 OPTIONS = (
-    Option("ratio", float, 0.5, "fraction of each group's channels to remove"),
-    Option("criterion", str, "l1", "channel importance", CRITERIA),
+    Option("ratio", float, 0.5, "fraction of each group's channels to remove",
+           tune=(0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7)),
+    Option("criterion", str, "l1", "channel importance", CRITERIA, tune=("l1", "l2", "bn")),
     Option("aggregate", str, "mean", "how a group's layers combine their importance", ("mean", "max", "sum")),
     Option("scope", str, "uniform", "uniform: each group loses ratio; global: rank channels across groups",
            ("uniform", "global")),
     Option("max_ratio", float, 0.9, "never remove more than this fraction of one group"),
-    Option("round_to", int, 1, "keep a multiple of this many channels in each group (e.g. 8)"),
+    Option("round_to", int, 1, "keep a multiple of this many channels in each group (e.g. 8)",
+           tune=(1, 8)),
     Option("ignore", str, "", "comma-separated layer-name globs whose output channels stay"),
     Option("override", str, "", "per-layer ratios: 'layer1.*:0.3,fc1:0'"),
     Option("target_macs", float, 0.0, "prune until at most this fraction of the MACs is left (0: use ratio)"),

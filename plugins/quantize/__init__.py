@@ -28,7 +28,7 @@ OPTIONS = (
     Option("prefer", str, "speed", "speed: keep in fp32 the layers whose class the committed cost table finds "
                                    "slower in int8 for `formats` (deterministic); measure: time each layer in "
                                    "onnxruntime on this machine; size: quantize every layer",
-           ("speed", "measure", "size")),
+           ("speed", "measure", "size"), tune=("speed", "size")),
     Option("formats", str, ",".join(FORMATS), "prefer=speed: the formats the cost table's verdicts are for "
                                               "(geometric mean over them)"),
     Option("timings", str, "", "prefer=measure: replay the timings from this JSON file when it exists, "
@@ -36,7 +36,8 @@ OPTIONS = (
     Option("target_cosine", float, 0.995, "keep the most sensitive layers in fp32 until the outputs' cosine "
                                           "vs fp32 on every calibration batch and every input the pass is "
                                           "verified on reaches this (0: off; the default leaves a margin over "
-                                          "the 0.99 the pass is verified at)"),
+                                          "the 0.99 the pass is verified at)",
+           tune=(0.99, 0.993, 0.996, 0.999)),
 )
 
 
