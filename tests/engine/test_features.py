@@ -23,7 +23,7 @@ FEATURES = {
     "fuse": ["fuse", "fold-bn", "fold-affine", "merge-linear", "fuse-act"],
     "onnx": ["onnx"], "partition": ["partition", "backends"], "prune": ["prune"], "pte": ["pte"],
     "ptl": ["ptl"], "quantize": ["quantize"], "simplify": ["simplify"], "tflite": ["tflite"],
-    "tflite_compat": ["tflite-compat"],
+    "tflite_compat": ["tflite-compat"], "tune": ["tune"],
 }
 # what a kept feature declares it needs (pyproject's import-linter exceptions, emitters' prepare)
 NEEDED_BY = {"fuse": ["quantize"], "onnx": ["tflite"], "partition": ["pte"], "tflite_compat": ["tflite", "prune", "quantize"]}
