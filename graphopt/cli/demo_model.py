@@ -118,3 +118,15 @@ def load_or_train(cache_dir: Path | None = None) -> DigitsNet:
 def accuracy(logits: torch.Tensor, y: torch.Tensor) -> float:
     """Fraction of rows whose argmax of ``logits`` equals the label in ``y``."""
     return (logits.argmax(dim=1) == y).double().mean().item()
+
+
+def unlabeled_digits() -> torch.Tensor:
+    """The training split's images, without labels: the demo's ``graphopt tune --data``."""
+    return load_data()[0]
+
+
+def held_out_accuracy(runner) -> float:
+    """Top-1 accuracy of an artifact's runner on the held-out digits (fed one at a time, as artifacts have a
+    batch of 1): the demo's ``graphopt tune --eval``."""
+    _, _, x_test, y_test = load_data()
+    return accuracy(torch.cat([runner([x_test[i:i + 1]])[0] for i in range(len(x_test))]), y_test)

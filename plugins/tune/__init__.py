@@ -65,7 +65,7 @@ def cmd_tune(args, registry) -> int:
     from graphopt.emit import write_atomic, write_json_atomic
 
     from . import output, study as studies
-    from .space import build_space, suggest_pipeline
+    from .space import build_space, default_points, suggest_pipeline
     from .trial import Config, prepare, save_training_inputs
 
     ui = Ui(args.quiet, args.json)
@@ -89,7 +89,8 @@ def cmd_tune(args, registry) -> int:
     with ui.progress("building the unoptimized artifact") as say:
         baseline = prepare(config)
         out.mkdir(parents=True, exist_ok=True)
-        study = studies.open_study(study_path, config, args.seed, startup=max(4, args.trials // 3))
+        study = studies.open_study(study_path, config, args.seed, max(4, args.trials // 4), budget,
+                                   default_points(space))
         executor = studies.RayExecutor(args.address, args.parallel) if args.executor == "ray" \
             else studies.LocalExecutor(args.parallel)
 

@@ -17,7 +17,7 @@ _ORDER = (Effect.STRUCTURAL, Effect.TRAINED, Effect.EXACT)
 @dataclass
 class Space:
     optional: list[Pass]                        # on/off, in pipeline order
-    precision: list[Pass]                       # the precision step's passes (fp32 is always a choice)
+    precision: list[Pass]                       # every fp16/int8 pass the format takes (and fp32, always)
     fixed: dict[str, dict[str, Any]] = field(default_factory=dict)   # options tune sets, e.g. finetune distill
     skipped: dict[str, str] = field(default_factory=dict)            # pass -> why it is not searched
 
@@ -34,7 +34,7 @@ def build_space(registry: Registry, emitter: Emitter, data: set[str], fixed: dic
     """The passes to search for ``emitter``'s format given the ``ctx.data`` keys ``data`` a trial will have."""
     space = Space([], [], dict(fixed or {}))
     for name, spec in sorted(registry.passes.items()):
-        if not any(o.tune for o in spec.options):
+        if not any(o.tune for o in spec.options) and spec.effect not in (Effect.FP16, Effect.INT8):
             continue
         missing = [k for k in spec.needs if k not in data]
         if missing:
@@ -99,3 +99,24 @@ def suggest_pipeline(trial: Any, space: Space, registry: Registry) -> str:
     if step != "fp32":
         items.append(_item(registry.passes[step], trial, space.fixed))
     return ",".join(items)
+
+
+def _default(option: Option) -> Any:
+    """The option's default, or the nearest of its tune values when the default is not one of them."""
+    if option.default in option.tune:
+        return option.default
+    if isinstance(option.default, (int, float)) and not isinstance(option.default, bool):
+        return min(option.tune, key=lambda v: abs(v - option.default))
+    return option.tune[0]
+
+
+def default_points(space: Space) -> list[dict]:
+    """Where the search starts, at the pass authors' defaults: each precision (fp32 too) alone, then every optional
+    pass on with its defaults before each (the same points whatever the seed or executor)."""
+    def options(spec: Pass) -> dict:
+        return {f"{spec.name}.{o.name}": _default(o) for o in spec.options if o.tune}
+
+    precisions = [{"precision": "fp32"}] + [{"precision": p.name, **options(p)} for p in space.precision]
+    every = {k: v for spec in space.optional for k, v in {f"use.{spec.name}": True, **options(spec)}.items()}
+    off = {f"use.{spec.name}": False for spec in space.optional}
+    return [{**off, **p} for p in precisions] + ([{**every, **p} for p in precisions] if space.optional else [])

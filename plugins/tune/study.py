@@ -14,7 +14,7 @@ from typing import Any, Callable, Sequence
 
 from graphopt import UsageError
 
-from .budget import meets
+from .budget import KEYS, meets
 from .trial import Config, evaluate
 
 STUDY = "graphopt-tune"
@@ -69,15 +69,22 @@ def identity(config: Config) -> dict:
     return {k: getattr(config, k) for k in _IDENTITY} | {"shapes": [list(s) for s in config.shapes]}
 
 
-def open_study(path: Path, config: Config, seed: int, startup: int) -> Any:
+def _constraints(budget: dict) -> Callable[[Any], list[float]]:
+    """The sampler's constraints: the deterministic budgets (size, MACs), <= 0 when met; latency is measured."""
+    keys = [(KEYS[name], limit) for name, limit in budget.items() if name != "latency"]
+    return lambda trial: [trial.user_attrs.get(key, float("inf")) / limit - 1 for key, limit in keys]
+
+
+def open_study(path: Path, config: Config, seed: int, startup: int, budget: dict, start: Sequence[dict] = ()) -> Any:
     """The study in ``path`` (created, or resumed if it is this search's); trials a killed run left running
-    are closed as failed ("interrupted")."""
+    are closed as failed ("interrupted"). A new study first runs the ``start`` points (parameter dicts)."""
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")       # multivariate TPE is "experimental"
-        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True)
+        warnings.simplefilter("ignore")       # multivariate TPE and constraints are "experimental"
+        sampler = optuna.samplers.TPESampler(seed=seed, n_startup_trials=startup, multivariate=True,
+                                             constraints_func=_constraints(budget) if budget else None)
     try:
         study = optuna.create_study(storage=f"sqlite:///{path}", study_name=STUDY, directions=list(DIRECTIONS),
                                     sampler=sampler, load_if_exists=True)
@@ -87,6 +94,10 @@ def open_study(path: Path, config: Config, seed: int, startup: int) -> Any:
     theirs = study.user_attrs.get("search")
     if theirs is None:
         study.set_user_attr("search", mine)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            for params in start:
+                study.enqueue_trial(params, skip_if_exists=True)
     elif theirs != mine:
         differ = ", ".join(k for k in mine if mine[k] != theirs.get(k))
         raise UsageError(f"study {path} holds another search (its {differ} differ); give a new --study")
