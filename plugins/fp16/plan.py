@@ -8,7 +8,7 @@ import torch
 import torch.fx as fx
 import torch.nn as nn
 
-from graphopt.graph import annotate, flatten_outputs
+from graphopt.graph import flatten_outputs
 
 FP16_MAX = 65504.0
 # Underflow: a value below the smallest fp16 subnormal (2**-24, 6e-8) rounds to 0 or to 2**-24
@@ -98,11 +98,27 @@ def batches(ctx_data: dict, example_inputs: tuple) -> list[tuple]:
     return [tuple(b) if isinstance(b, (tuple, list)) else (b,) for b in given]
 
 
+class _Recorder(fx.Interpreter):
+    """A plain run of the graph that hands each node's value to ``record`` (annotate's run also counts MACs, a
+    FLOP-counting dispatch on every op: 14 ms a batch against 1 on the demo's CNN)."""
+
+    def __init__(self, gm: fx.GraphModule, record):
+        super().__init__(gm)
+        self.record = record
+
+    def run_node(self, n: fx.Node) -> Any:
+        value = super().run_node(n)
+        self.record(n, value)
+        return value
+
+
 def ranges(gm: fx.GraphModule, inputs: Iterable[Sequence[torch.Tensor]]) -> dict[fx.Node, Range]:
     """Run the fp32 graph on every batch, recording each node's :class:`Range`."""
     out: dict[fx.Node, Range] = {n: Range() for n in gm.graph.nodes}
-    for batch in inputs:
-        annotate(gm, batch, record=lambda n, v: out[n].add(v))
+    recorder = _Recorder(gm, lambda n, v: out[n].add(v))
+    with torch.no_grad():
+        for batch in inputs:
+            recorder.run(*batch)
     return out
 
 
