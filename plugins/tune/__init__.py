@@ -31,6 +31,8 @@ def graphopt_add_commands(subparsers, parents: list) -> None:
     p.add_argument("--budget", help="limits the chosen point meets: latency=5ms,size=2MB,macs=300M")
     p.add_argument("--quality", type=float, metavar="MIN", help="the least quality to accept; then the fastest point "
                    "wins (default: the best quality within the budget)")
+    p.add_argument("--max-drop", type=float, metavar="D", help="as --quality: the unoptimized file's quality less D "
+                   "(0.01: within one point of its accuracy)")
     p.add_argument("--eval", metavar="FILE.py:FN", help="quality: fn(runner) -> score, higher is better (default: "
                    "agreement with the original model on held-out inputs: top-1, else cosine)")
     p.add_argument("--data", metavar="INPUTS.npz|FILE.py:FN", help="unlabeled inputs: the last --held-out score "
@@ -77,6 +79,8 @@ def cmd_tune(args, registry) -> int:
     study_path = check_report_path(args.study, "the study") if args.study else out / "tune.db"
     if args.executor == "local" and args.address:
         raise UsageError("--address needs --executor ray")
+    if args.quality is not None and args.max_drop is not None:
+        raise UsageError("give --quality or --max-drop, not both")
     config = Config(model=args.model, shapes=tuple(parse_shape(s) for s in args.input_shape), format=args.format,
                     weights=args.weights, seed=args.seed, plugins=tuple(args.plugin),
                     blocked=tuple(b[3:] for b in args.block), data=args.data, held_out=args.held_out, eval=args.eval,
@@ -88,6 +92,7 @@ def cmd_tune(args, registry) -> int:
     started = time.perf_counter()
     with ui.progress("building the unoptimized artifact") as say:
         baseline = prepare(config)
+        floor = args.quality if args.max_drop is None else baseline["quality"] - args.max_drop
         out.mkdir(parents=True, exist_ok=True)
         study = studies.open_study(study_path, config, args.seed, max(4, args.trials // 4), budget,
                                    default_points(space))
@@ -106,11 +111,11 @@ def cmd_tune(args, registry) -> int:
             executor.close()
         done = studies.points(study)
         front = studies.pareto_front(done)
-        chosen = studies.choose(done, budget, args.quality)
+        chosen = studies.choose(done, budget, floor)
         title = f"{config.name} in {emitter.format}: {len(done)} trials, budget {describe(budget)}"
         (out / "front.md").write_text(output.markdown(front, chosen, baseline))
         output.plot(done, front, chosen, budget, out / "front.png", title)
-        report = {"model": config.model, "format": args.format, "budget": budget, "min_quality": args.quality,
+        report = {"model": config.model, "format": args.format, "budget": budget, "min_quality": floor,
                   "quality": "eval" if args.eval else "agreement", "baseline": baseline, "space": space.describe(),
                   "skipped": space.skipped, "study": str(study_path), "trials": done,
                   "front": [p["trial"] for p in front], "chosen": chosen["trial"] if chosen else None,
@@ -130,7 +135,7 @@ def cmd_tune(args, registry) -> int:
     if chosen is None:
         best = min((p for p in done if p["state"] == "complete"), key=lambda p: p["bytes"], default=None)
         raise UsageError(f"no trial met the budget ({describe(budget)}"
-                         f"{f', quality >= {args.quality:g}' if args.quality is not None else ''}); "
+                         f"{f', quality >= {floor:.4g}' if floor is not None else ''}); "
                          + (f"the smallest was {best['bytes'] / 1e6:.3f} MB, {best['latency_ms']:.3f} ms, quality "
                             f"{best['quality']:.4f} (trial {best['trial']}); " if best else "no trial completed; ")
                          + f"the front is in {out}/front.md and the study in {study_path}")

@@ -196,12 +196,24 @@ def test_an_evaluation_function_that_raises_stops_the_study_and_keeps_it(capsys,
     (["--format", "onnxx"], "did you mean onnx"),
     (["--format", "onnx,ptl"], "--format takes one format, got 'onnx,ptl'"),
     (["--address", "10.0.0.1:6379"], "--address needs --executor ray"),
+    (["--quality", "0.9", "--max-drop", "0.01"], "give --quality or --max-drop, not both"),
 ])
 def test_bad_input_is_one_line_and_exit_2(capsys, tmp_path, argv, message):
     out = tmp_path / "out"
     code, stdout, err = run_cli(capsys, *BASE, "--out", str(out), *argv)
     assert code == 2 and err.count("\n") == 1 and message in err, err
     assert not out.exists()
+
+
+def test_a_quality_floor_picks_the_fastest_point_that_reaches_it(local):
+    _, _, report = local
+    done = [t for t in report["trials"] if t["state"] == "complete"]
+    floor = sorted(t["quality"] for t in done)[len(done) // 2]
+    chosen = studies.choose(report["trials"], {}, floor)
+    assert chosen["quality"] >= floor
+    assert chosen["latency_ms"] == min(t["latency_ms"] for t in done if t["quality"] >= floor)
+    best = studies.choose(report["trials"], {}, None)
+    assert best["quality"] == max(t["quality"] for t in done)
 
 
 def test_no_trial_meeting_the_budget_exits_2_and_keeps_the_front(capsys, tmp_path):
