@@ -8,7 +8,8 @@ resnet18: tests/zoo's ResNet-18 (seeded random weights, 1x3xSxS), no labels: qua
 original model on 64 held-out Gaussian inputs (top-1 and cosine), training inputs 256 Gaussian ones.
 digits: the demo's trained CNN, unlabeled training digits (--data) and held-out accuracy (--eval).
 
-First `graphopt run --pipeline cleanup,fuse,quantize` gives the unpruned int8 file's size S per format; then
+First `graphopt run --pipeline cleanup,fuse,quantize(prefer=size)` (every layer int8) gives the unpruned int8
+file's size S per format; then
 `graphopt tune --budget size=S/2`. The markdown holds, per format: the budget, the time, the front, the chosen
 point and its quality against the unoptimized model's.
 """
@@ -37,9 +38,9 @@ CASES = {
 
 
 def _int8_size(model: str, shape: str, fmt: str, data: list[str], work: Path) -> int:
-    """Bytes of the unpruned int8 file: `cleanup,fuse,quantize`, calibrated on tune's own training inputs."""
+    """Bytes of the unpruned int8 file: every layer int8, calibrated on tune's own training inputs."""
     out = work / f"int8-{fmt}"
-    argv = ["run", model, "--input-shape", shape, "--pipeline", "cleanup,fuse,quantize", "--emit", fmt,
+    argv = ["run", model, "--input-shape", shape, "--pipeline", "cleanup,fuse,quantize(prefer=size)", "--emit", fmt,
             "--out", str(out), "--calib", str(data[0]), "--quiet", "--json"]
     code = main(argv)
     if code != 0:
@@ -78,7 +79,7 @@ def run(case_name: str, fmt: str, trials: int, timeout: float | None, shape: str
 def section(case_name: str, shape: str, r: dict) -> str:
     report = r["report"]
     done = [t for t in report["trials"] if t["state"] == "complete"]
-    front = [t for t in done if t["trial"] in report["front"]]
+    front = sorted((t for t in done if t["trial"] in report["front"]), key=lambda t: t["latency_ms"])
     chosen = next((t for t in done if t["trial"] == report["chosen"]), None)
     base = report["baseline"]
     lines = [f"### {case_name} in {r['format']}", "",

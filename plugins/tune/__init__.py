@@ -59,7 +59,7 @@ def graphopt_add_commands(subparsers, parents: list) -> None:
 
 
 def cmd_tune(args, registry) -> int:
-    from graphopt.cli import EXIT_ERROR, EXIT_OK, dump_json
+    from graphopt.cli import EXIT_OK, dump_json
     from graphopt.cli.artifacts import check_report_path
     from graphopt.cli.console import Ui
     from graphopt.cli.modelspec import check_out_dir, parse_shape
@@ -113,7 +113,7 @@ def cmd_tune(args, registry) -> int:
         front = studies.pareto_front(done)
         chosen = studies.choose(done, budget, floor)
         title = f"{config.name} in {emitter.format}: {len(done)} trials, budget {describe(budget)}"
-        (out / "front.md").write_text(output.markdown(front, chosen, baseline))
+        write_atomic(out / "front.md", output.markdown(front, chosen, baseline).encode())
         output.plot(done, front, chosen, budget, out / "front.png", title)
         report = {"model": config.model, "format": args.format, "budget": budget, "min_quality": floor,
                   "quality": "eval" if args.eval else "agreement", "baseline": baseline, "space": space.describe(),
@@ -141,7 +141,7 @@ def cmd_tune(args, registry) -> int:
                          + f"the front is in {out}/front.md and the study in {study_path}")
     ui.print(f"chosen: trial {chosen['trial']}, {chosen['pipeline']}; artifacts, pipeline.txt, front.md, front.png "
              f"and tune.json in {out}/; the same files again: {report['command']}")
-    return EXIT_OK if chosen is not None else EXIT_ERROR
+    return EXIT_OK
 
 
 def _command(args, out: Path) -> str:

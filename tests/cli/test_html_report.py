@@ -1,5 +1,5 @@
 """The HTML report: ``graphopt run --report r.html`` and ``graphopt report r.json -o r.html``, rendered in headless
-Chromium (Debian's package; .ci/run installs it and sets GRAPHOPT_REQUIRE_BROWSER, so CI never skips these)."""
+Chromium (Debian's package; .ci/run installs it and sets GRAPHOPT_CI, so CI never skips these)."""
 import io
 import json
 import os
@@ -32,7 +32,7 @@ def browser():
         sync_playwright = None
     if CHROMIUM is None or sync_playwright is None:
         why = "no chromium on PATH" if CHROMIUM is None else "playwright is not installed"
-        if os.environ.get("GRAPHOPT_REQUIRE_BROWSER"):
+        if os.environ.get("GRAPHOPT_CI"):
             pytest.fail(f"the HTML report needs a browser test and {why}")
         pytest.skip(why)
     with sync_playwright() as pw:

@@ -132,7 +132,25 @@ def test_a_study_reports_its_front_and_ships_the_chosen_point(local, capsys):
     assert (again / os.path.basename(artifact["path"])).read_bytes() == open(artifact["path"], "rb").read()
 
 
+def _loopback() -> bool:
+    """Whether this machine can talk to itself over TCP (Ray's processes do; ``unshare -n`` takes it away)."""
+    import socket
+
+    with socket.socket() as server, socket.socket() as client:
+        try:
+            server.bind(("127.0.0.1", 0))
+            server.listen()
+            client.connect(server.getsockname())
+            return True
+        except OSError:
+            return False
+
+
 def test_ray_runs_the_same_trials_as_the_local_executor(local, tmp_path):
+    if not _loopback():
+        if os.environ.get("GRAPHOPT_CI"):
+            pytest.fail("Ray needs the loopback network, which is down")
+        pytest.skip("Ray needs the loopback network, which is down (unshare -n without ip link set lo up)")
     _, _, report = local
     out = tmp_path / "ray"
     code = main([*BASE, "--trials", "8", "--parallel", "2", "--out", str(out), "--quiet", "--budget", "size=20KB",
