@@ -54,6 +54,8 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     run.add_argument("--report", metavar="FILE.json|FILE.html",
                      help="write the run's report here: JSON, or one self-contained HTML page for .html")
     run.add_argument("--seed", type=int, default=0, help="seed of the example inputs")
+    run.add_argument("--example", metavar="DATA.npz", help="take the example inputs from the first samples of this "
+                     "file (as --calib reads it) instead of seeded Gaussian ones")
     run.add_argument("--leaf-module", action="append", default=[], metavar="QUALNAME",
                      help="keep this submodule opaque to fx (repeatable)")
     run.add_argument("--no-verify", action="store_true", help="skip verify-each between passes")

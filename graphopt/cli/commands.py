@@ -95,6 +95,12 @@ def cmd_run(args, registry: Registry) -> int:
     check_timing(args)
     model = load_model(args.model, args.weights)
     inputs = example_inputs(shapes, args.seed)
+    if args.example:   # the first batch of the user's data: what verification and int8's checks see first
+        from .calibration import load_calibration
+        try:
+            inputs = load_calibration(args.example, model, inputs)[0]
+        except UsageError as exc:
+            raise UsageError(f"--example: {exc}") from None
     data = {key: load(model, inputs) for key, load in loaders.items()}
 
     def show_ir(name: str, code: str) -> None:

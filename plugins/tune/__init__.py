@@ -151,6 +151,7 @@ def _command(args, out: Path) -> str:
     data = shlex.quote(str(out / "train_inputs.npz"))
     parts = ["graphopt", "run", shlex.quote(args.model), *[f"--input-shape {s}" for s in args.input_shape],
              f"--pipeline \"$(cat {shlex.quote(str(out / 'pipeline.txt'))})\"", f"--calib {data}",
+             *([f"--example {data}"] if args.data else []),
              f"--train-data {data}" if not args.train else f"--train {shlex.quote(args.train)}",
              f"--emit {shlex.quote(args.format)}", "--out OUT"]
     parts += [f"--weights {shlex.quote(args.weights)}"] if args.weights else []

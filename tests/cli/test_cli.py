@@ -259,3 +259,35 @@ def test_a_runtime_error_is_kept_whole(capsys, tmp_path):
     assert main(["run", MODEL, "--input-shape", SHAPE, "--out", str(tmp_path), "--quiet"]) == 0
     code, _, err = run_cli(capsys, "bench", str(tmp_path / "tiny_resnet.onnx"), "--input-shape", "1x3x16x16")
     assert code == 2 and "index: 2 Got: 16 Expected: 32" in err and err.count("\n") == 1
+
+
+PROBE = '''
+import graphopt
+from graphopt import Effect, Pass, PassResult
+
+
+def _run(gm, ctx):
+    ctx.explain(f"example sum {float(ctx.example_inputs[0].sum()):.1f}")
+    return PassResult(gm, False, {})
+
+
+@graphopt.hookimpl
+def graphopt_register_passes():
+    return [Pass("probe", "says what the example input sums to", _run, Effect.EXACT)]
+'''
+
+
+def test_example_takes_the_example_inputs_from_the_users_data(capsys, tmp_path):
+    import numpy as np
+
+    plugin, data = tmp_path / "probe.py", tmp_path / "data.npz"
+    plugin.write_text(PROBE)
+    np.savez(data, x=np.stack([np.full((3, 32, 32), 0.5, np.float32), np.zeros((3, 32, 32), np.float32)]))
+    argv = ["run", MODEL, "--input-shape", SHAPE, "--plugin", str(plugin), "--pipeline", "probe", "--emit", "",
+            "--explain", "probe"]
+    code, stdout, _ = run_cli(capsys, *argv, "--example", str(data))
+    assert code == 0 and "example sum 1536.0" in stdout           # 3*32*32 halves: the file's first sample
+    code, stdout, _ = run_cli(capsys, *argv)
+    assert code == 0 and "example sum 1536.0" not in stdout and "example sum " in stdout   # seeded Gaussian
+    code, _, err = run_cli(capsys, *argv, "--example", str(tmp_path / "missing.npz"))
+    assert code == 2 and err.startswith("graphopt: error: --example: calibration data ") and "does not exist" in err
