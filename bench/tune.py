@@ -41,7 +41,7 @@ def _int8_size(model: str, shape: str, fmt: str, data: list[str], work: Path) ->
     """Bytes of the unpruned int8 file: every layer int8, calibrated on tune's own training inputs."""
     out = work / f"int8-{fmt}"
     argv = ["run", model, "--input-shape", shape, "--pipeline", "cleanup,fuse,quantize(prefer=size)", "--emit", fmt,
-            "--out", str(out), "--calib", str(data[0]), "--quiet", "--json"]
+            "--out", str(out), "--calib", str(data[0]), "--example", str(data[0]), "--quiet", "--json"]
     code = main(argv)
     if code != 0:
         raise SystemExit(f"the int8 run failed ({code})")
@@ -56,7 +56,7 @@ def _training_inputs(model: str, shape: str, case: dict, work: Path) -> Path:
     return out / "train_inputs.npz"
 
 
-def run(case_name: str, fmt: str, trials: int, timeout: float | None, shape: str) -> dict:
+def run(case_name: str, fmt: str, trials: int, timeout: float | None, shape: str, block: list[str]) -> dict:
     case = CASES[case_name]
     model, shape = case["model"], case.get("shape", shape)
     with tempfile.TemporaryDirectory() as tmp:
@@ -66,14 +66,16 @@ def run(case_name: str, fmt: str, trials: int, timeout: float | None, shape: str
         out = work / f"tune-{fmt}"
         argv = ["tune", model, "--input-shape", shape, "--format", fmt, "--trials", str(trials), "--out", str(out),
                 "--budget", f"size={size // 2}B", "--quiet", *case["args"], *case.get("choose", [])]
+        argv += [arg for name in block for arg in ("-p", f"no:{name}")]
         argv += ["--timeout", str(timeout)] if timeout else []
         start = time.perf_counter()
         code = main(argv)
         seconds = time.perf_counter() - start
         report = json.loads((out / "tune.json").read_text())
         if (out / "front.png").exists():
-            (HERE / f"tune_{case_name}_{fmt}.png").write_bytes((out / "front.png").read_bytes())
-    return {"format": fmt, "code": code, "seconds": seconds, "int8_bytes": size, "report": report}
+            tag = "".join(f"_no_{b}" for b in block)
+            (HERE / f"tune_{case_name}_{fmt}{tag}.png").write_bytes((out / "front.png").read_bytes())
+    return {"format": fmt, "code": code, "seconds": seconds, "int8_bytes": size, "report": report, "block": block}
 
 
 def section(case_name: str, shape: str, r: dict) -> str:
@@ -82,7 +84,7 @@ def section(case_name: str, shape: str, r: dict) -> str:
     front = sorted((t for t in done if t["trial"] in report["front"]), key=lambda t: t["latency_ms"])
     chosen = next((t for t in done if t["trial"] == report["chosen"]), None)
     base = report["baseline"]
-    lines = [f"### {case_name} in {r['format']}", "",
+    lines = [f"### {case_name} in {r['format']}" + (f" (without {', '.join(r['block'])})" if r["block"] else ""), "",
              f"- budget: size <= {r['int8_bytes'] // 2} B, half the unpruned int8 file ({r['int8_bytes']} B); "
              f"{len(report['trials'])} trials ({len(done)} complete) in {r['seconds']:.0f} s",
              f"- unoptimized {r['format']} file: {base['bytes']} B, quality {base['quality']:.4f}"]
@@ -95,7 +97,8 @@ def section(case_name: str, shape: str, r: dict) -> str:
     if front:
         span = max(t["latency_ms"] for t in front) / min(t["latency_ms"] for t in front)
         lines.append(f"- front: {len(front)} points, latency spanning {span:.1f}x")
-    lines += ["", markdown(front, chosen, base), f"![front](tune_{case_name}_{r['format']}.png)", ""]
+    tag = "".join(f"_no_{b}" for b in r["block"])
+    lines += ["", markdown(front, chosen, base), f"![front](tune_{case_name}_{r['format']}{tag}.png)", ""]
     return "\n".join(lines)
 
 
@@ -107,15 +110,17 @@ def cli() -> None:
     ap.add_argument("--timeout", type=float)
     ap.add_argument("--size", type=int, default=112, help="resnet18: input height and width")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--block", action="append", default=[], metavar="PLUGIN",
+                    help="leave a plugin out of the search (-p no:PLUGIN), e.g. fp16")
     args = ap.parse_args()
     shape = f"1x3x{args.size}x{args.size}"
-    formats = ["onnx", "ptl", "tflite", "pte"] if args.format == "all" else [args.format]
+    formats = ["onnx", "ptl", "tflite", "pte"] if args.format == "all" else args.format.split(",")
     out = args.out or HERE / f"TUNE_{args.case.upper()}.md"
     parts = [f"# graphopt tune: {args.case}", "", "Made by `.venv/bin/python bench/tune.py "
              f"{' '.join(sys.argv[1:])}` (see its docstring). Latency: 1 thread, median of 30 runs, round-robin "
              "with the unoptimized file. `*`: the chosen point.", ""]
     for fmt in formats:
-        r = run(args.case, fmt, args.trials, args.timeout, shape)
+        r = run(args.case, fmt, args.trials, args.timeout, shape, args.block)
         parts.append(section(args.case, CASES[args.case].get("shape", shape), r))
         out.write_text("\n".join(parts))
         print(f"{args.case} {fmt}: exit {r['code']}, {r['seconds']:.0f} s, chosen {r['report']['chosen']}",
