@@ -37,7 +37,7 @@ def build_parser(registry=None) -> argparse.ArgumentParser:
     """The whole parser; plugins in ``registry`` add their options and commands."""
     common = _common()
     parser = _Parser(prog="graphopt", description="Optimize a PyTorch model for devices: "
-                     "fx capture, verified passes, ONNX/TorchScript-Lite/TFLite artifacts.")
+                     "fx capture, verified passes, ONNX/TorchScript-Lite/TFLite/ExecuTorch artifacts.")
     sub = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     run = sub.add_parser("run", parents=[common], conflict_handler="resolve",   # features may share an option

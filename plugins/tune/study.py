@@ -102,6 +102,7 @@ def open_study(path: Path, config: Config, seed: int, startup: int, budget: dict
         differ = ", ".join(k for k in mine if mine[k] != theirs.get(k))
         raise UsageError(f"study {path} holds another search (its {differ} differ); give a new --study")
     for trial in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        # a finished trial's attributes are frozen and a FrozenTrial has no setter: the storage's own, before tell
         study._storage.set_trial_user_attr(trial._trial_id, "error", "interrupted (the search was stopped)")
         study.tell(trial.number, state=optuna.trial.TrialState.FAIL)
     return study
