@@ -79,7 +79,7 @@ def cmd_run(args, registry: Registry) -> int:
     from graphopt.pipeline import resolve
 
     from .modelspec import check_out_dir, example_inputs, load_model, parse_shape
-    from .report import write_report
+    from .report import explained, write_report
     ui = Ui(args.quiet, args.json)
     shapes = [parse_shape(s) for s in args.input_shape]
     select_emitters(registry, args.emit)           # an unknown or uninstalled format fails before any work
@@ -132,7 +132,7 @@ def cmd_run(args, registry: Registry) -> int:
             write_report(report_path, failed)
         if args.json:
             dump_json(failed)
-        _explain(args, ui, [(r.name, r.group, r.explanations) for r in done])
+        _explain(args, ui, explained(failed))
         raise
     report, files = result.report, []
     if result.ok:
@@ -153,9 +153,7 @@ def cmd_run(args, registry: Registry) -> int:
     if args.json:
         dump_json(report)
     ui.print(passes_table(report["model"], result.pipeline.records))
-    _explain(args, ui, [(rec.name, rec.group, rec.explanations) for rec in result.pipeline.records] + [
-        (f"{p['pass']} (preparing {c.artifact.format})", p.get("group", ""), p["explanations"])
-        for c in result.artifacts for p in c.artifact.meta.get("prepared", [])])
+    _explain(args, ui, explained(report))
     if report["artifacts"]:
         ui.print(artifacts_table(report["artifacts"]))
     if bench_rows:

@@ -116,13 +116,18 @@ def _pictures(report: dict, base: Path) -> str:
     return "".join(parts)
 
 
+def explained(report: dict) -> list[tuple[str, str, list[str]]]:
+    """``(pass, group, explanation lines)`` of every pass the report holds: the pipeline's, then each
+    emitter's preparing passes (``partition (preparing pte)``)."""
+    return [(p["name"], p.get("group") or "", p.get("explanations") or []) for p in report["passes"]] + [
+        (f"{p['pass']} (preparing {a['format']})", p.get("group") or "", p.get("explanations") or [])
+        for a in report["artifacts"] for p in a.get("meta", {}).get("prepared", [])]
+
+
 def _explanations(report: dict) -> str:
-    sections = [(p["name"], p.get("explanations") or []) for p in report["passes"]]
-    sections += [(f"{p['pass']} (preparing {a['format']})", p.get("explanations") or [])
-                 for a in report["artifacts"] for p in a.get("meta", {}).get("prepared", [])]
     return "".join(f"<details open><summary><code>{_e(name)}</code>: {len(lines)} decision(s)</summary><ul>"
                    + "".join(f"<li>{_e(line)}</li>" for line in lines) + "</ul></details>"
-                   for name, lines in sections if lines)
+                   for name, _, lines in explained(report) if lines)
 
 
 def to_html(report: dict, base: Path = Path(".")) -> str:

@@ -16,29 +16,25 @@ def _fx_node(doc: str, gm: fx.GraphModule, nodes: list[fx.Node]) -> fx.Node | No
     """The node of ``gm`` whose line of ``forward`` the stack ``doc`` passes through (a frame reads
     ``<filename>(<line>): forward``), or None."""
     prefix = gm.forward.__code__.co_filename + "("
+    index = getattr(gm, "_lineno_map", None) or {}      # generated line -> node position (fx's own error map)
     for frame in doc.splitlines():
         if frame.startswith(prefix) and frame.endswith("): forward"):
             line = int(frame[len(prefix):-len("): forward")])
-            index = getattr(gm, "_lineno_map", None) or {}
             at = index.get(line - getattr(gm, "_prologue_start", 0))
             return nodes[at] if at is not None and at < len(nodes) else None
     return None
 
 
-def record_origins(model: Any, gm: fx.GraphModule) -> int:
+def record_origins(model: Any, gm: fx.GraphModule) -> None:
     """Give each node of ``model`` that ``gm`` made the metadata_props ``graphopt.fx_node`` (the fx node's name) and,
-    when capture knew it, ``graphopt.source`` (``path:line``); clear every doc_string. Returns how many got a name."""
-    nodes, named = list(gm.graph.nodes), 0
+    when capture knew it, ``graphopt.source`` (``path:line``); clear every doc_string."""
+    nodes = list(gm.graph.nodes)
     for node in model.graph.node:
         origin = _fx_node(node.doc_string, gm, nodes)
         node.doc_string = ""
-        if origin is None:
-            continue
-        named += 1
-        for key, value in ((FX_NODE, origin.name), (SOURCE, origin.meta.get("source"))):
+        for key, value in ((FX_NODE, origin and origin.name), (SOURCE, origin and origin.meta.get("source"))):
             if value:
                 node.metadata_props.add(key=key, value=value)
-    return named
 
 
 def origin(node: Any) -> str | None:

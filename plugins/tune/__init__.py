@@ -68,7 +68,7 @@ def cmd_tune(args, registry) -> int:
 
     from . import output, study as studies
     from .space import build_space, default_points, suggest_pipeline
-    from .trial import Config, prepare, save_training_inputs
+    from .trial import Config, data_keys, prepare, save_training_inputs
 
     ui = Ui(args.quiet, args.json)
     budget = parse_budget(args.budget)
@@ -87,8 +87,7 @@ def cmd_tune(args, registry) -> int:
                     train=args.train, runs=args.runs, threads=args.threads,
                     name=args.name or args.model.rsplit(":", 1)[-1], leaf_modules=tuple(args.leaf_module))
     fixed = {} if args.train else {"finetune": {"distill": True}}
-    space = build_space(registry, emitter, {"calibration", "train_inputs", "original", *(["train"] if args.train
-                                                                                          else [])}, fixed)
+    space = build_space(registry, emitter, data_keys(config), fixed)
     started = time.perf_counter()
     with ui.progress("building the unoptimized artifact") as say:
         baseline = prepare(config)
@@ -99,9 +98,9 @@ def cmd_tune(args, registry) -> int:
         executor = studies.RayExecutor(args.address, args.parallel) if args.executor == "ray" \
             else studies.LocalExecutor(args.parallel)
 
-        def on_trial(number: int, result: dict) -> None:
-            say(f"trial {number}: {result['pipeline']} ({len(studies.finished(study))}/{args.trials})")
-            ui.note(f"  trial {number}: " + (f"failed: {result['error']}" if "error" in result else
+        def on_trial(result: dict, count: int) -> None:
+            say(f"trial {result['trial']}: {result['pipeline']} ({count}/{args.trials})")
+            ui.note(f"  trial {result['trial']}: " + (f"failed: {result['error']}" if "error" in result else
                                              f"{result['latency_ms']:.3f} ms, {result['bytes'] / 1e6:.3f} MB, "
                                              f"quality {result['quality']:.4f}"))
         try:

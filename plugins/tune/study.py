@@ -113,35 +113,38 @@ def finished(study: Any) -> list:
 
 
 def search(study: Any, config: Config, suggest: Callable[[Any], str], executor: Any, trials: int,
-           timeout: float | None, on_trial: Callable[[int, dict], None] = lambda n, r: None) -> None:
-    """Run trials until the study has ``trials`` finished ones or ``timeout`` seconds passed. A pipeline the study
-    already measured is not built again: its figures are reused. An evaluation function that raises stops the
-    search (a UsageError), every trial before it kept."""
+           timeout: float | None, on_trial: Callable[[dict, int], None] = lambda result, count: None) -> None:
+    """Run trials until the study has ``trials`` finished ones or ``timeout`` seconds passed; ``on_trial(result,
+    finished count)`` sees each. A pipeline the study already measured is not built again: its figures are reused.
+    An evaluation function that raises stops the search (a UsageError), every trial before it kept."""
     import optuna
 
-    start = time.monotonic()
-    seen = {t.user_attrs["pipeline"]: t.user_attrs for t in finished(study)
-            if t.state == optuna.trial.TrialState.COMPLETE}
-    while len(finished(study)) < trials and (timeout is None or time.monotonic() - start < timeout):
-        batch = [study.ask() for _ in range(min(executor.parallel, trials - len(finished(study))))]
+    start, done = time.monotonic(), finished(study)
+    count = len(done)
+    seen = {t.user_attrs["pipeline"]: t.user_attrs for t in done if t.state == optuna.trial.TrialState.COMPLETE}
+    while count < trials and (timeout is None or time.monotonic() - start < timeout):
+        batch = [study.ask() for _ in range(min(executor.parallel, trials - count))]
         pipelines = [suggest(t) for t in batch]
         fresh = sorted({p for p in pipelines if p not in seen})
         results = dict(zip(fresh, executor.run(config, fresh)))
         for trial, pipeline in zip(batch, pipelines):
             result = dict(seen[pipeline], repeat_of=seen[pipeline].get("trial")) if pipeline in seen \
                 else results[pipeline]
-            for key, value in {**result, "trial": trial.number}.items():
+            result = {**result, "trial": trial.number}
+            for key, value in result.items():
                 trial.set_user_attr(key, value)
-            if "eval_error" in result:
-                study.tell(trial, state=optuna.trial.TrialState.FAIL)
-                raise UsageError(f"{result['eval_error']} (trial {trial.number}: {pipeline}); the study keeps "
-                                 f"its {len(finished(study))} trials")
-            if "error" in result:
+            failed = "error" in result or "eval_error" in result
+            if failed:
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
             else:
                 study.tell(trial, [result["macs"], result["bytes"], result["quality"]])
-                seen.setdefault(pipeline, {**result, "trial": trial.number})
-            on_trial(trial.number, {**result, "trial": trial.number})
+            count += 1
+            if "eval_error" in result:
+                raise UsageError(f"{result['eval_error']} (trial {trial.number}: {pipeline}); the study keeps "
+                                 f"its {count} trials")
+            if not failed:
+                seen.setdefault(pipeline, result)
+            on_trial(result, count)
 
 
 def points(study: Any) -> list[dict]:

@@ -93,6 +93,12 @@ def chunked(runner: Callable, inputs: list[torch.Tensor], batch: int) -> torch.T
     return torch.cat(outs)
 
 
+def data_keys(config: Config) -> set[str]:
+    """The ``ctx.data`` keys every trial's passes get (``_world`` builds them; ``original`` is the pass
+    manager's): what decides which passes the search can use."""
+    return {"calibration", "train_inputs", "original", *(["train"] if config.train else [])}
+
+
 def _world(config: Config) -> _World:
     if config in _WORLDS:
         return _WORLDS[config]
