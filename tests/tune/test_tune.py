@@ -167,8 +167,12 @@ def test_ray_runs_the_same_trials_as_the_local_executor(local, tmp_path):
 
 
 def _complete(db) -> int:
+    """Complete trials in the study file (0 while Optuna has made the file but not yet its tables)."""
     with sqlite3.connect(db) as c:
-        return c.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+        try:
+            return c.execute("select count(*) from trials where state = 'COMPLETE'").fetchone()[0]
+        except sqlite3.OperationalError:
+            return 0
 
 
 def test_a_killed_study_resumes_from_its_sqlite_file(capsys, tmp_path):
